@@ -1,0 +1,97 @@
+"""Megatron-core on a CPU-only machine: the small set of shims it needs, installed only when CUDA is absent.
+
+megatron-core (pinned 0.16.1) assumes CUDA in a few places that have nothing to do with the math: RNG state
+tracking, `torch.cuda.current_device()` as an allocation device, an optional TransformerEngine GEMM, and an
+attention core that cannot take MLA's differing key/value head sizes. Each shim below names the crash it
+prevents. tests/test_canary.py checks every internal name listed in `MEGATRON_INTERNALS` so a megatron upgrade
+fails loudly instead of silently skipping a shim. We never edit megatron itself.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+import torch
+
+# (module, attribute) pairs of megatron internals the shims replace or read.
+MEGATRON_INTERNALS = [
+    ("megatron.core.tensor_parallel.random", "_get_cuda_rng_state"),
+    ("megatron.core.tensor_parallel.random", "_set_cuda_rng_state"),
+    ("megatron.core.transformer.moe.moe_utils", "te_general_gemm"),
+    ("megatron.core.transformer.dot_product_attention", "DotProductAttention"),
+    ("megatron.core.transformer.multi_latent_attention", "HAVE_TE"),
+    ("megatron.core.models.gpt.gpt_layer_specs", "get_gpt_decoder_block_spec"),
+]
+
+_installed = False
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def install_cpu_compat() -> None:
+    """Idempotent. Must run before megatron modules that hold references to the patched names are imported."""
+    global _installed
+    if _installed or cuda_available():
+        return
+    # sglang installs sgl-flash-mla, whose import raises OSError without a GPU; megatron only catches ImportError.
+    # A None entry in sys.modules turns the import into the ImportError megatron expects.
+    for name in ("flash_mla",):
+        if name not in sys.modules:
+            sys.modules[name] = None  # type: ignore[assignment]
+
+    # Megatron allocates on `torch.cuda.current_device()` and seeds/tracks a "cuda" RNG; the CPU generator serves.
+    torch.cuda.current_device = lambda: torch.device("cpu")  # type: ignore[assignment]
+    torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()  # type: ignore[assignment]
+    torch.cuda.set_rng_state = lambda state, device="cuda": torch.set_rng_state(state)  # type: ignore[assignment]
+    torch.cuda.manual_seed = lambda seed: None  # type: ignore[assignment]  # the CPU seed is set by the caller
+
+    random_mod = importlib.import_module("megatron.core.tensor_parallel.random")
+    random_mod._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+    random_mod._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+
+    # Referenced unconditionally by MoE utils although it is only set when TransformerEngine is present.
+    moe_utils = importlib.import_module("megatron.core.transformer.moe.moe_utils")
+    moe_utils.te_general_gemm = None
+
+    mla = importlib.import_module("megatron.core.transformer.multi_latent_attention")
+    mla.HAVE_TE = False
+    _installed = True
+
+
+def mla_core_attention_class():
+    """Megatron's local DotProductAttention sizes its output by the query head dim; MLA's value head dim differs
+    (GLM-5: qk 192+64, v 256; tiny: qk 32+16, v 32). This subclass accepts MLA's k/v channel
+    arguments and sizes the output by v_head_dim."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    class MLADotProductAttention(DotProductAttention):
+        def __init__(self, *args, k_channels=None, v_channels=None, **kwargs):
+            super().__init__(*args, **kwargs)
+            if v_channels is not None:
+                self.hidden_size_per_partition = v_channels * self.num_attention_heads_per_partition
+
+    return MLADotProductAttention
+
+
+class _CudaToCpuMode(torch.overrides.TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # Megatron's grad clipping asserts grads are 'torch.cuda.FloatTensor'; the CPU twin is the same thing.
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if not name.startswith("torch.cuda.") else name
+        device = kwargs.get("device")
+        if device is not None and "cuda" in str(device):
+            kwargs["device"] = "cpu"
+        return func(*args, **kwargs)
+
+
+def cpu_device_scope():
+    """Megatron's optimizer construction and step allocate small tensors with device='cuda' and assert CUDA tensor
+    types; on CPU, rewrite those allocations to the CPU and answer type() as the CUDA twin, for the duration of the
+    call. A no-op scope when CUDA is present."""
+    import contextlib
+
+    return contextlib.nullcontext() if cuda_available() else _CudaToCpuMode()

@@ -1,0 +1,136 @@
+"""HF (transformers / SGLang) tensor names <-> Megatron-core GPTModel names for GLM-5, one tensor at a time.
+
+Supported layouts: tensor parallel 1, any expert parallel size (each rank holds a contiguous block of experts).
+Tensor-parallel and pipeline sharding come with the checkpoint-conversion issue.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+_LOCAL_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(linear_fc1|linear_fc2)\.weight$")
+
+# Megatron suffix (inside decoder.layers.i) -> HF suffix (inside model.layers.i), for 1:1 tensors.
+_LAYER_ONE_TO_ONE = {
+    "input_layernorm.weight": "input_layernorm.weight",
+    "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
+    "self_attention.linear_q_down_proj.weight": "self_attn.q_a_proj.weight",
+    "self_attention.q_layernorm.weight": "self_attn.q_a_layernorm.weight",
+    "self_attention.linear_q_up_proj.weight": "self_attn.q_b_proj.weight",
+    "self_attention.linear_kv_down_proj.weight": "self_attn.kv_a_proj_with_mqa.weight",
+    "self_attention.kv_layernorm.weight": "self_attn.kv_a_layernorm.weight",
+    "self_attention.linear_kv_up_proj.weight": "self_attn.kv_b_proj.weight",
+    "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
+    "mlp.linear_fc2.weight": "mlp.down_proj.weight",
+    "mlp.router.weight": "mlp.gate.weight",
+    "mlp.router.expert_bias": "mlp.gate.e_score_correction_bias",
+    "mlp.shared_experts.linear_fc2.weight": "mlp.shared_experts.down_proj.weight",
+}
+# Megatron's fc1 of a gated MLP is [gate; up] stacked on the output dim.
+_LAYER_GATED_FC1 = {
+    "mlp.linear_fc1.weight": "mlp",
+    "mlp.shared_experts.linear_fc1.weight": "mlp.shared_experts",
+}
+_GLOBAL = {
+    "embedding.word_embeddings.weight": "model.embed_tokens.weight",
+    "decoder.final_layernorm.weight": "model.norm.weight",
+    "output_layer.weight": "lm_head.weight",
+}
+
+
+@dataclass(frozen=True)
+class ExpertShard:
+    """Which experts this rank holds: global expert id = ep_rank * num_local + local id."""
+
+    ep_rank: int = 0
+    num_local: int = 0
+
+
+def megatron_to_hf(name: str, tensor: torch.Tensor, shard: ExpertShard) -> list[tuple[str, torch.Tensor]]:
+    """HF (name, tensor) pairs for one Megatron tensor; [] for tensors HF does not have (extra state)."""
+    if name in _GLOBAL:
+        return [(_GLOBAL[name], tensor)]
+    m = _LAYER.match(name)
+    if not m:
+        if name.endswith("_extra_state"):
+            return []
+        raise KeyError(f"no HF name for Megatron tensor {name!r}")
+    layer, rest = m.group(1), m.group(2)
+    prefix = f"model.layers.{layer}."
+    if rest in _LAYER_ONE_TO_ONE:
+        return [(prefix + _LAYER_ONE_TO_ONE[rest], tensor)]
+    if rest in _LAYER_GATED_FC1:
+        gate, up = tensor.chunk(2, dim=0)
+        base = prefix + _LAYER_GATED_FC1[rest]
+        return [(f"{base}.gate_proj.weight", gate), (f"{base}.up_proj.weight", up)]
+    e = _LOCAL_EXPERT.match(rest)
+    if e:
+        expert = shard.ep_rank * shard.num_local + int(e.group(1))
+        base = f"{prefix}mlp.experts.{expert}"
+        if e.group(2) == "linear_fc1":
+            gate, up = tensor.chunk(2, dim=0)
+            return [(f"{base}.gate_proj.weight", gate), (f"{base}.up_proj.weight", up)]
+        return [(f"{base}.down_proj.weight", tensor)]
+    if rest.endswith("_extra_state"):
+        return []
+    raise KeyError(f"no HF name for Megatron tensor {name!r}")
+
+
+def hf_source(name: str, hf_state: dict[str, torch.Tensor], shard: ExpertShard) -> torch.Tensor:
+    """The Megatron tensor `name`, assembled from an HF state dict (inverse of `megatron_to_hf`)."""
+    if name in _GLOBAL:
+        return _get(hf_state, _GLOBAL[name], name)
+    m = _LAYER.match(name)
+    if not m:
+        raise KeyError(f"no HF source for Megatron tensor {name!r}")
+    layer, rest = m.group(1), m.group(2)
+    prefix = f"model.layers.{layer}."
+    if rest in _LAYER_ONE_TO_ONE:
+        return _get(hf_state, prefix + _LAYER_ONE_TO_ONE[rest], name)
+    if rest in _LAYER_GATED_FC1:
+        base = prefix + _LAYER_GATED_FC1[rest]
+        return torch.cat([_get(hf_state, f"{base}.gate_proj.weight", name),
+                          _get(hf_state, f"{base}.up_proj.weight", name)], dim=0)
+    e = _LOCAL_EXPERT.match(rest)
+    if e:
+        base = f"{prefix}mlp.experts.{shard.ep_rank * shard.num_local + int(e.group(1))}"
+        if e.group(2) == "linear_fc1":
+            return torch.cat([_get(hf_state, f"{base}.gate_proj.weight", name),
+                              _get(hf_state, f"{base}.up_proj.weight", name)], dim=0)
+        return _get(hf_state, f"{base}.down_proj.weight", name)
+    raise KeyError(f"no HF source for Megatron tensor {name!r}")
+
+
+def _get(hf_state: dict[str, torch.Tensor], hf_name: str, for_name: str) -> torch.Tensor:
+    if hf_name not in hf_state:
+        raise KeyError(f"HF checkpoint lacks {hf_name!r} (needed for Megatron {for_name!r})")
+    return hf_state[hf_name]
+
+
+def megatron_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """Parameters and persistent buffers (the router's expert_bias is a buffer) of an unwrapped model."""
+    yield from model.named_parameters()
+    for name, buf in model.named_buffers():
+        if name.endswith("expert_bias"):
+            yield name, buf
+
+
+@torch.no_grad()
+def load_hf_into_megatron(model: torch.nn.Module, hf_state: dict[str, torch.Tensor], shard: ExpertShard) -> None:
+    """Copies HF weights into an (unwrapped) Megatron model; every Megatron tensor must be filled, shapes equal.
+
+    Indexer (DSA) weights are not used by the dense-MLA Megatron model and are left out on purpose."""
+    used: set[str] = set()
+    for name, dst in megatron_tensors(model):
+        src = hf_source(name, hf_state, shard)
+        if src.shape != dst.shape:
+            raise ValueError(f"{name}: HF shape {tuple(src.shape)} != Megatron shape {tuple(dst.shape)}")
+        dst.copy_(src.to(dst.dtype))
+        used.update(n for n, _ in megatron_to_hf(name, dst, shard))
+    unused = [n for n in hf_state if n not in used and ".indexer." not in n and ".experts." not in n]
+    if unused:
+        raise ValueError(f"HF tensors with no Megatron destination: {unused[:5]}")

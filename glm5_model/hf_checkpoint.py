@@ -1,0 +1,78 @@
+"""HF-format checkpoint directories: config.json + safetensors + the tiny tokenizer.
+
+Random initial checkpoints come from transformers' own model class (the reference implementation), so SGLang,
+transformers and our Megatron model all start from the same weights. Tensor names on disk are the per-expert HF
+names (`mlp.experts.{e}.gate_proj.weight` ...), which is what SGLang and released GLM checkpoints use.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from glm5_model.presets import preset_config
+from glm5_model.tokenizer.build import TINY_DIR as TINY_TOKENIZER_DIR
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def make_random_checkpoint(preset: str, out_dir: str | Path, seed: int = 0) -> Path:
+    """Writes a randomly initialised model of `preset` to `out_dir` (an HF-format checkpoint directory)."""
+    from transformers import GlmMoeDsaConfig, GlmMoeDsaForCausalLM
+
+    out_dir = Path(out_dir)
+    config_dict = preset_config(preset)
+    torch.manual_seed(seed)
+    config = GlmMoeDsaConfig(**{k: v for k, v in config_dict.items() if k not in ("architectures", "model_type")})
+    model = GlmMoeDsaForCausalLM(config).float()
+    with torch.no_grad():
+        # transformers starts the selection bias at zero; a random one makes tests see it used for selection only.
+        for name, param in model.named_parameters():
+            if name.endswith("e_score_correction_bias"):
+                param.uniform_(-0.05, 0.05)
+        for name, buf in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buf.uniform_(-0.05, 0.05)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp, safe_serialization=True)
+    _finish_checkpoint_dir(tmp, config_dict)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)  # atomic: a crashed writer never leaves a half checkpoint under the real name
+    return out_dir
+
+
+def _finish_checkpoint_dir(path: Path, config_dict: dict) -> None:
+    """Copies the tokenizer in and restores config fields transformers drops but SGLang reads."""
+    for name in _TOKENIZER_FILES:
+        shutil.copy(TINY_TOKENIZER_DIR / name, path / name)
+    config_path = path / "config.json"
+    config = json.loads(config_path.read_text())
+    for key in ("moe_layer_freq", "topk_method", "scoring_func", "ep_size", "n_group", "topk_group"):
+        config[key] = config_dict[key]
+    config["torch_dtype"] = "float32"
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def ensure_checkpoint(preset: str, out_dir: str | Path, seed: int = 0) -> Path:
+    out_dir = Path(out_dir)
+    if not (out_dir / "config.json").is_file():
+        make_random_checkpoint(preset, out_dir, seed)
+    return out_dir
+
+
+def load_hf_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint directory (single file or sharded with an index json), by HF name."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        state.update(load_file(path / name))
+    return state

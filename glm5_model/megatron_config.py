@@ -1,0 +1,110 @@
+"""One mapping from an HF GLM-5 config (glm_moe_dsa) to Megatron-core's MLATransformerConfig."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+# HF fields that change the math and that this mapping knows how to express; anything else that would alter
+# the model is rejected by name instead of being ignored.
+_SUPPORTED_ROPE_TYPES = ("default",)
+_EXPECTED = {
+    "hidden_act": "silu",
+    "topk_method": "noaux_tc",
+    "scoring_func": "sigmoid",
+    "attention_bias": False,
+    "mlp_bias": False,
+    "tie_word_embeddings": False,
+    "n_group": 1,
+    "topk_group": 1,
+}
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    tensor_parallel: int = 1
+    expert_parallel: int = 1
+    pipeline_parallel: int = 1
+    sequence_parallel: bool = False
+
+
+def check_supported(hf: dict[str, Any]) -> None:
+    if hf.get("model_type") not in (None, "glm_moe_dsa"):
+        raise ValueError(f"model_type: {hf.get('model_type')!r} is not supported (expected 'glm_moe_dsa')")
+    for key, expected in _EXPECTED.items():
+        if key in hf and hf[key] != expected:
+            raise ValueError(f"{key}: {hf[key]!r} is not supported (only {expected!r})")
+    rope = hf.get("rope_parameters") or {"rope_type": "default"}
+    if rope.get("rope_type", "default") not in _SUPPORTED_ROPE_TYPES:
+        raise ValueError(f"rope_parameters.rope_type: {rope.get('rope_type')!r} is not supported yet "
+                         f"(supported: {list(_SUPPORTED_ROPE_TYPES)})")
+    if hf.get("n_shared_experts", 1) != 1:
+        raise ValueError(f"n_shared_experts: {hf['n_shared_experts']} is not supported (only 1)")
+
+
+def moe_layer_pattern(hf: dict[str, Any]) -> list[int]:
+    """1 for an MoE layer, 0 for a dense one; GLM-5 starts with `first_k_dense_replace` dense layers."""
+    types = hf.get("mlp_layer_types")
+    if types is None:
+        k = hf.get("first_k_dense_replace", 0)
+        types = ["dense"] * k + ["sparse"] * (hf["num_hidden_layers"] - k)
+    return [1 if t == "sparse" else 0 for t in types]
+
+
+def to_transformer_config(hf: dict[str, Any], layout: ParallelLayout = ParallelLayout(),
+                          params_dtype: torch.dtype = torch.float32):
+    from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+    check_supported(hf)
+    rope = hf.get("rope_parameters") or {}
+    return MLATransformerConfig(
+        num_layers=hf["num_hidden_layers"],
+        hidden_size=hf["hidden_size"],
+        ffn_hidden_size=hf["intermediate_size"],
+        num_attention_heads=hf["num_attention_heads"],
+        q_lora_rank=hf["q_lora_rank"],
+        kv_lora_rank=hf["kv_lora_rank"],
+        qk_head_dim=hf["qk_nope_head_dim"],
+        qk_pos_emb_head_dim=hf["qk_rope_head_dim"],
+        v_head_dim=hf["v_head_dim"],
+        qk_layernorm=True,
+        normalization="RMSNorm",
+        layernorm_epsilon=hf.get("rms_norm_eps", 1e-5),
+        rope_type="rope",
+        rotary_base=rope.get("rope_theta", 10000.0),
+        gated_linear_unit=True,
+        # With gated_linear_unit Megatron defaults to GeLU (GeGLU); GLM uses SwiGLU.
+        activation_func=torch.nn.functional.silu,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        num_moe_experts=hf["n_routed_experts"],
+        moe_ffn_hidden_size=hf["moe_intermediate_size"],
+        moe_shared_expert_intermediate_size=hf["moe_intermediate_size"] * hf.get("n_shared_experts", 1),
+        moe_router_topk=hf["num_experts_per_tok"],
+        moe_layer_freq=moe_layer_pattern(hf),
+        moe_router_score_function="sigmoid",
+        moe_router_enable_expert_bias=True,
+        # RL keeps the selection bias fixed; the aux-loss-free update is a pre-training mechanism.
+        moe_router_bias_update_rate=0.0,
+        moe_router_topk_scaling_factor=hf.get("routed_scaling_factor", 1.0),
+        moe_router_dtype="fp32",
+        moe_router_load_balancing_type="none",
+        moe_aux_loss_coeff=0.0,
+        moe_token_dispatcher_type="allgather",
+        moe_grouped_gemm=False,
+        tensor_model_parallel_size=layout.tensor_parallel,
+        expert_model_parallel_size=layout.expert_parallel,
+        pipeline_model_parallel_size=layout.pipeline_parallel,
+        sequence_parallel=layout.sequence_parallel,
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+    )

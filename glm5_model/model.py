@@ -1,0 +1,74 @@
+"""Builds GLM-5 as a Megatron-core GPTModel (MLA + first-k dense + sigmoid-routed MoE with a shared expert).
+
+Layer spec is chosen by where we run: local (non-TransformerEngine) modules on CPU, TransformerEngine modules
+when it is installed and a GPU is present. The DSA indexer is not built yet: with index_topk >= the context the
+selection keeps every token, so dense MLA computes exactly what GLM-5 computes (issue: glm5_model DSA).
+"""
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+import torch
+
+from glm5_model.compat import cuda_available, install_cpu_compat, mla_core_attention_class
+from glm5_model.megatron_config import ParallelLayout, to_transformer_config
+
+
+def use_transformer_engine() -> bool:
+    return cuda_available() and importlib.util.find_spec("transformer_engine") is not None
+
+
+def _max_context(hf: dict[str, Any]) -> int:
+    return int(hf.get("max_position_embeddings", 4096))
+
+
+# transformers' GLM-5 builds q_a_layernorm and kv_a_layernorm with its RMSNorm's default eps (1e-6), not
+# config.rms_norm_eps (1e-5); Megatron uses one layernorm_epsilon for every norm. Leaving it costs ~1e-4 in logits.
+LATENT_NORM_EPS = 1e-6
+
+
+class LatentRMSNorm:
+    """RMSNorm for MLA's q/kv latents with GLM-5's fixed eps (a class, so Megatron's build_module calls it)."""
+
+    def __new__(cls, config, hidden_size: int, eps: float = LATENT_NORM_EPS, **kwargs):
+        from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+        return WrappedTorchNorm(config=config, hidden_size=hidden_size, eps=LATENT_NORM_EPS, **kwargs)
+
+
+def build_layer_spec(config):
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    te = use_transformer_engine()
+    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=te, normalization="RMSNorm")
+    if not te:
+        core_attention = mla_core_attention_class()
+        for layer in spec.layer_specs:
+            attn = layer.submodules.self_attention.submodules
+            attn.core_attention = core_attention
+            attn.q_layernorm = LatentRMSNorm
+            attn.kv_layernorm = LatentRMSNorm
+    return spec
+
+
+def build_gpt_model(hf: dict[str, Any], layout: ParallelLayout = ParallelLayout(),
+                    params_dtype: torch.dtype = torch.float32, pre_process: bool = True, post_process: bool = True):
+    """Megatron model for an HF GLM-5 config. Megatron's parallel state must already be initialised."""
+    install_cpu_compat()
+    from megatron.core.models.gpt import GPTModel
+
+    if hf.get("index_topk", 0) < _max_context(hf):
+        raise ValueError(f"index_topk: {hf.get('index_topk')} < max_position_embeddings {_max_context(hf)}; "
+                         "sparse DSA selection is not implemented in the Megatron model yet")
+    config = to_transformer_config(hf, layout, params_dtype)
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=build_layer_spec(config),
+        vocab_size=hf["vocab_size"],
+        max_sequence_length=_max_context(hf),
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=False,
+        position_embedding_type="none",  # MLA applies its own rotary embedding inside attention
+    )

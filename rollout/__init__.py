@@ -1,0 +1,1 @@
+"""Rollout: SGLang engines as Ray actors, sample generation, reward scoring. Never imports trainer/."""

@@ -1,0 +1,234 @@
+"""The rollout engine: one SGLang engine (token ids in, token ids + sampling logprobs out) with weight updates.
+
+`SGLangEngine` is a plain class usable in-process; `RolloutEngineActor` is the same class as a Ray actor
+(`RolloutEngineActor.options(num_cpus=...).remote(model_path, ...)`). The actor is threaded so `abort()` can
+arrive while a `generate()` call is running; all other calls are serialised by a lock (SGLang's sync Engine API
+drives one asyncio loop that must not be entered twice).
+
+On a machine without CUDA the engine runs on CPU through our out-of-tree SGLang platform
+(rollout/sglang_cpu/platform.py) and the patches it needs for GLM-5 (rollout/sglang_cpu/patches.py).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+
+import psutil
+import ray
+import torch
+
+logger = logging.getLogger(__name__)
+
+if not torch.cuda.is_available():
+    # Select our platform explicitly: SGLang refuses to guess when several platform plugins are installed, and
+    # without one a CUDA build of torch makes it pick the CUDA platform. Must be set before sglang is imported
+    # (SGLang reads it lazily, but its scheduler subprocesses inherit the environment from here).
+    os.environ.setdefault("SGLANG_PLATFORM", "slipstream_cpu")
+
+ENGINE_START_TIMEOUT_S = float(os.environ.get("SLIPSTREAM_ENGINE_START_TIMEOUT_S", "300"))
+_FLUSH_RETRIES = 10
+
+
+class EngineStartError(RuntimeError):
+    pass
+
+
+class SGLangEngine:
+    """One SGLang engine. Token ids only: text is never sent (tokenizers can disagree between libraries)."""
+
+    def __init__(self, model_path: str, *, dtype: str = "float32", max_total_tokens: int = 16384, seed: int = 0,
+                 mem_fraction_static: float | None = None, log_level: str = "error",
+                 start_timeout_s: float = ENGINE_START_TIMEOUT_S):
+        self._lock = threading.Lock()
+        self._version = 0
+        self._live_rids: set[str] = set()
+        self.model_path = str(model_path)
+        self.on_cpu = not torch.cuda.is_available()
+        kwargs = dict(model_path=self.model_path, dtype=dtype, max_total_tokens=max_total_tokens,
+                      random_seed=seed, log_level=log_level, skip_tokenizer_init=False)
+        if mem_fraction_static is not None:
+            kwargs["mem_fraction_static"] = mem_fraction_static
+        if self.on_cpu:
+            kwargs.update(device="cpu", attention_backend="torch_native", disable_cuda_graph=True)
+        self._engine = _start_engine(kwargs, start_timeout_s)
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, requests: list[dict]) -> list[dict]:
+        """Samples a completion per request. Each result carries the logprob of every generated token under the
+        distribution it was sampled from (SGLang applies the temperature, not top-p/top-k), and the weight
+        version that produced it."""
+        if not requests:
+            return []
+        rids = [str(r.get("rid") or uuid.uuid4().hex) for r in requests]
+        input_ids = [[int(t) for t in r["input_ids"]] for r in requests]
+        params = [dict(r.get("sampling_params") or {}) for r in requests]
+        with self._lock:
+            self._live_rids.update(rids)
+            try:
+                out = self._engine.generate(input_ids=input_ids, sampling_params=params, return_logprob=True,
+                                            rid=rids)
+            finally:
+                self._live_rids.difference_update(rids)
+            version = self._version
+        results = []
+        for o in out:
+            meta = o["meta_info"]
+            logprobs = [float(lp) for lp, _tok, _txt in meta["output_token_logprobs"]]
+            if len(logprobs) != len(o["output_ids"]):
+                raise RuntimeError(f"SGLang returned {len(logprobs)} logprobs for {len(o['output_ids'])} tokens")
+            results.append({"output_ids": list(o["output_ids"]), "output_logprobs": logprobs,
+                            "finish_reason": _finish_reason(meta.get("finish_reason")), "text": o.get("text", ""),
+                            "weight_version": version})
+        return results
+
+    def score(self, input_ids: list[list[int]], prompt_lens: list[int]) -> list[list[float]]:
+        """Logprobs (temperature 1) of tokens input_ids[i][prompt_lens[i]:], each given all tokens before it.
+
+        Prefill only. SGLang 0.5.23 returns `input_token_logprobs` for positions logprob_start_len.. end, where
+        entry j is the logprob of token (start + j) given tokens < start + j, except that the first entry is always
+        None (SGLang computes no logprob for the first returned position). So we start one position early and drop
+        that first entry.
+        """
+        if len(input_ids) != len(prompt_lens):
+            raise ValueError(f"{len(input_ids)} sequences but {len(prompt_lens)} prompt lengths")
+        if not input_ids:
+            return []
+        ids = [[int(t) for t in seq] for seq in input_ids]
+        for seq, p in zip(ids, prompt_lens):
+            if not 1 <= p <= len(seq):
+                raise ValueError(f"prompt_len {p} must be in [1, {len(seq)}] (the first token has no logprob)")
+        starts = [p - 1 for p in prompt_lens]
+        with self._lock:
+            out = self._engine.generate(input_ids=ids, sampling_params=[{"max_new_tokens": 0}] * len(ids),
+                                        return_logprob=True, logprob_start_len=starts)
+        if isinstance(out, dict):
+            out = [out]
+        scores = []
+        for seq, p, o in zip(ids, prompt_lens, out):
+            entries = o["meta_info"]["input_token_logprobs"][1:]
+            expected = seq[p:]
+            if [tok for _lp, tok, _txt in entries] != expected:
+                raise RuntimeError(f"SGLang input_token_logprobs do not line up with tokens {p}..{len(seq)} "
+                                   "(logprob_start_len semantics changed? pinned sglang==0.5.23)")
+            scores.append([float(lp) for lp, _tok, _txt in entries])
+        return scores
+
+    def abort(self, rid: str | None = None) -> None:
+        """Aborts one request (by rid) or, with no rid, every request; they finish with finish_reason "abort".
+
+        Safe to call from another thread while generate() runs: the abort is handed to the engine's event loop
+        (the thread running generate) instead of touching its sockets from here."""
+        tm = self._engine.tokenizer_manager
+        args = dict(abort_all=True) if rid is None else dict(rid=str(rid))
+        loop = self._engine.loop
+        if loop.is_running():
+            loop.call_soon_threadsafe(lambda: tm.abort_request(**args))
+        else:
+            tm.abort_request(**args)
+
+    # ------------------------------------------------------------------ weights
+    def update_weights_from_tensors(self, named_tensors: list[tuple[str, torch.Tensor]], version: int) -> None:
+        """Loads full HF-named tensors (e.g. "model.layers.1.mlp.experts.3.gate_proj.weight") into the engine."""
+        tensors = [(name, t.detach().to("cpu").contiguous()) for name, t in named_tensors]
+        with self._lock:
+            self._flush_cache()
+            # SGLang 0.5.23 only accepts tensor updates inside a weight-update session.
+            _check(self._engine.begin_weight_update(), "begin_weight_update")
+            try:
+                _check(self._engine.update_weights_from_tensor(tensors, flush_cache=True), "update_weights_from_tensor")
+            finally:
+                _check(self._engine.end_weight_update(), "end_weight_update")
+            self._version = int(version)
+
+    def update_weights_from_disk(self, path: str, version: int) -> None:
+        with self._lock:
+            self._flush_cache()
+            _check(self._engine.update_weights_from_disk(str(path)), "update_weights_from_disk")
+            self._version = int(version)
+
+    def weight_version(self) -> int:
+        return self._version
+
+    def shutdown(self) -> None:
+        engine, self._engine = getattr(self, "_engine", None), None
+        if engine is not None:
+            engine.shutdown()
+
+    def _flush_cache(self) -> None:
+        # Right after a generation the scheduler may still hold requests and refuse to flush ("Cache flush
+        # failed"); it succeeds once they are released, so retry briefly.
+        for attempt in range(_FLUSH_RETRIES):
+            result = self._engine.flush_cache()
+            if getattr(result, "success", True):
+                return
+            time.sleep(0.1 * (attempt + 1))
+        raise RuntimeError(f"SGLang flush_cache kept failing: {getattr(result, 'message', result)}")
+
+
+def _finish_reason(info) -> str:
+    kind = info.get("type") if isinstance(info, dict) else info
+    if kind in ("stop", "length", "abort"):
+        return kind
+    return "abort" if kind is None else str(kind)
+
+
+def _check(result, what: str) -> None:
+    """SGLang control calls return (success, message, ...) or an object with .success/.message."""
+    if isinstance(result, tuple):
+        success, message = result[0], result[1] if len(result) > 1 else ""
+    else:
+        success, message = getattr(result, "success", True), getattr(result, "message", "")
+    if not success:
+        raise RuntimeError(f"SGLang {what} failed: {message}")
+
+
+def _start_engine(kwargs: dict, timeout_s: float):
+    """Starts sglang.Engine; if it is not up within timeout_s, kills the processes it spawned and raises.
+
+    A failed start can hang (the launcher waits on a scheduler that never reports); killing the scheduler
+    processes makes the launcher's wait fail, so the constructor returns and we can raise a clear error."""
+    import sglang
+
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
+    timed_out = threading.Event()
+
+    def kill_spawned():
+        timed_out.set()
+        _kill_new_children(me, before)
+
+    timer = threading.Timer(timeout_s, kill_spawned)
+    timer.daemon = True
+    timer.start()
+    t0 = time.monotonic()
+    try:
+        engine = sglang.Engine(**kwargs)
+    except BaseException as exc:
+        _kill_new_children(me, before)
+        if timed_out.is_set():
+            raise EngineStartError(f"SGLang engine for {kwargs['model_path']} did not start within {timeout_s:.0f}s "
+                                   "(set SLIPSTREAM_ENGINE_START_TIMEOUT_S to change); its processes were killed") from exc
+        raise EngineStartError(f"SGLang engine for {kwargs['model_path']} failed to start: {exc}") from exc
+    finally:
+        timer.cancel()
+    if timed_out.is_set():
+        engine.shutdown()
+        raise EngineStartError(f"SGLang engine for {kwargs['model_path']} did not start within {timeout_s:.0f}s")
+    logger.info("SGLang engine for %s ready in %.1fs", kwargs["model_path"], time.monotonic() - t0)
+    return engine
+
+
+def _kill_new_children(me: psutil.Process, before: set[int]) -> None:
+    for child in me.children(recursive=True):
+        if child.pid not in before:
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
+
+
+# Threaded so abort() can run while generate() is in flight; callers add resources with .options(num_cpus=...).
+RolloutEngineActor = ray.remote(max_concurrency=4)(SGLangEngine)

@@ -1,0 +1,164 @@
+"""Patches to SGLang internals that serving GLM-5 (MLA + MoE + DSA) on CPU needs (pinned sglang==0.5.23).
+
+Applied by `apply_patches()`, the `sglang.srt.plugins: slipstream_cpu_patches` entry point. SGLang calls its
+general plugins through `load_plugins()` in the launching process (`Engine.__init__`, before the server arguments
+are built) and at the start of every scheduler process (`run_scheduler_process`), i.e. before the model is built
+in either. The platform calls `apply_patches()` again from `init_backend()` (each worker) and
+`apply_server_args_defaults()` (launching process) so no process can miss them; applying twice is a no-op.
+
+Nothing is patched when CUDA is present: on a GPU SGLang's own kernels serve GLM-5, DSA included.
+
+The patches (the "A/B/C" names are used in logs, errors and the canary test):
+  A. rope: `get_rope_cpu` asserts the rope scaling is `deepseek_yarn`; any other scaling (our checkpoints use
+     plain rope) goes to the generic `get_rope` instead.
+  B. MLA attention method: the DeepSeek attention-method table has no `torch_native` entry and falls back to the
+     triton handler, which picks the non-absorbed MHA prefill; the torch-native backend then ignores the k/v it
+     is handed and reads the compressed MLA cache. Shapes fit, logits are silently wrong (logprob diff ~1.75).
+     We register `torch_native` to always use the absorbed MLA path.
+  C. DSA: every DSA path (server-arg resolution, attention backends, the indexer and its FP8 key cache) needs
+     CUDA. `is_deepseek_dsa` answers False in every imported copy, so GLM-5 is served as dense MLA + MoE. That is
+     exact while the context is no longer than the model's `index_topk` (DSA then selects every token).
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+import threading
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# (module, attribute) of every SGLang internal the patches read or replace. tests/test_canary_sglang.py imports
+# each one so an SGLang upgrade that moves them fails loudly instead of silently serving wrong logprobs.
+PATCHED_NAMES: list[tuple[str, str]] = [
+    ("sglang.srt.layers.rotary_embedding.factory", "get_rope_cpu"),  # A (replaced)
+    ("sglang.srt.layers.rotary_embedding.factory", "get_rope"),  # A (called instead)
+    ("sglang.srt.layers.rotary_embedding.factory", "get_rope_wrapper"),  # A (looks get_rope_cpu up at call time)
+    ("sglang.srt.models.deepseek_common.attention_backend_handler", "AttentionBackendRegistry"),  # B
+    ("sglang.srt.models.deepseek_common.attention_forward_methods.forward_methods", "AttnForwardMethod"),  # B
+    ("sglang.srt.configs.model_config", "is_deepseek_dsa"),  # C (replaced, plus its copies)
+]
+# Which patch each name belongs to, for the canary's error message.
+PATCH_OF_NAME: dict[tuple[str, str], str] = {
+    PATCHED_NAMES[0]: "A (rope)",
+    PATCHED_NAMES[1]: "A (rope)",
+    PATCHED_NAMES[2]: "A (rope)",
+    PATCHED_NAMES[3]: "B (MLA torch_native attention method)",
+    PATCHED_NAMES[4]: "B (MLA torch_native attention method)",
+    PATCHED_NAMES[5]: "C (DSA served as dense MLA)",
+}
+
+_lock = threading.Lock()
+_applied = False
+
+
+def apply_patches() -> None:
+    """Applies patches A, B and C once per process; does nothing when CUDA is available."""
+    global _applied
+    if torch.cuda.is_available():
+        return
+    with _lock:
+        if _applied:
+            return
+        _patch_rope()
+        _patch_mla_attention_method()
+        _patch_dsa_off()
+        _applied = True
+    logger.info("slipstream CPU patches for sglang applied (A rope, B MLA torch_native, C DSA as dense)")
+
+
+def patches_applied() -> bool:
+    return _applied
+
+
+def _import(module: str, attr: str, patch: str):
+    """The SGLang internal `module.attr`, or an error naming the patch that must be updated."""
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as exc:
+        raise RuntimeError(
+            f"sglang internal {module}.{attr} moved: the CPU plugin patch {patch} must be updated "
+            f"(slipstream pins sglang==0.5.23)"
+        ) from exc
+
+
+def _patch_rope() -> None:
+    factory = importlib.import_module("sglang.srt.layers.rotary_embedding.factory")
+    original = _import(factory.__name__, "get_rope_cpu", "A (rope)")
+    generic = _import(factory.__name__, "get_rope", "A (rope)")
+    if getattr(original, "_slipstream_patched", False):
+        return
+
+    def get_rope_cpu(head_size, rotary_dim, max_position, base, is_neox_style=True, rope_scaling=None,
+                     dtype=None, partial_rotary_factor=1.0, device=None):
+        scaling_type = (rope_scaling or {}).get("rope_type", (rope_scaling or {}).get("type"))
+        if scaling_type == "deepseek_yarn":
+            return original(head_size, rotary_dim, max_position, base, is_neox_style, rope_scaling, dtype,
+                            partial_rotary_factor, device)
+        # The generic rope is plain torch and builds its cos/sin cache on the default (CPU) device.
+        return generic(head_size, rotary_dim, max_position, base, is_neox_style, rope_scaling, dtype,
+                       partial_rotary_factor)
+
+    get_rope_cpu._slipstream_patched = True
+    get_rope_cpu.__wrapped__ = original
+    # get_rope_wrapper looks get_rope_cpu up in the module globals at call time, so this one binding suffices.
+    factory.get_rope_cpu = get_rope_cpu
+
+
+def _patch_mla_attention_method() -> None:
+    registry = _import("sglang.srt.models.deepseek_common.attention_backend_handler", "AttentionBackendRegistry",
+                       "B (MLA torch_native attention method)")
+    method = _import("sglang.srt.models.deepseek_common.attention_forward_methods.forward_methods",
+                     "AttnForwardMethod", "B (MLA torch_native attention method)")
+    if not hasattr(registry, "register") or not hasattr(method, "MLA"):
+        raise RuntimeError("sglang internal AttentionBackendRegistry.register / AttnForwardMethod.MLA moved: the CPU "
+                           "plugin patch B must be updated (slipstream pins sglang==0.5.23)")
+
+    def handle_attention_torch_native(attn, forward_batch):
+        # The torch-native backend only implements attention over the latent (absorbed) MLA cache.
+        return method.MLA
+
+    registry.register("torch_native", handle_attention_torch_native)
+
+
+def _patch_dsa_off() -> None:
+    model_config = importlib.import_module("sglang.srt.configs.model_config")
+    original = _import(model_config.__name__, "is_deepseek_dsa", "C (DSA served as dense MLA)")
+    if getattr(original, "_slipstream_patched", False):
+        return
+    warned: set[int] = set()
+
+    def is_deepseek_dsa(config) -> bool:
+        if original(config):
+            _warn_if_context_exceeds_topk(config, warned)
+        return False
+
+    is_deepseek_dsa._slipstream_patched = True
+    is_deepseek_dsa.__wrapped__ = original
+    model_config.is_deepseek_dsa = is_deepseek_dsa
+    # `from sglang.srt.configs.model_config import is_deepseek_dsa` made copies in modules already imported;
+    # modules imported later bind the patched function. Swap every existing copy of the original.
+    for module in list(sys.modules.values()):
+        if module is None or module is model_config:
+            continue
+        try:
+            if getattr(module, "is_deepseek_dsa", None) is original:
+                module.is_deepseek_dsa = is_deepseek_dsa
+        except Exception:  # lazy/proxy modules can raise on attribute access; they hold no copy we need
+            continue
+
+
+def _warn_if_context_exceeds_topk(config, warned: set[int]) -> None:
+    """Dense MLA equals DSA only while context <= index_topk; say so once per config when that may not hold."""
+    if id(config) in warned:
+        return
+    warned.add(id(config))
+    text_config = getattr(config, "text_config", None) or config
+    topk = getattr(text_config, "index_topk", None)
+    max_pos = getattr(text_config, "max_position_embeddings", None)
+    if topk is not None and max_pos is not None and max_pos > topk:
+        logger.warning(
+            "serving a DSA model on CPU as dense MLA: exact only for contexts <= index_topk=%s "
+            "(max_position_embeddings=%s); longer contexts attend to all tokens instead of the top-k", topk, max_pos)

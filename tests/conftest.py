@@ -1,0 +1,12 @@
+"""Shared fixtures. Everything runs on CPU in fp32; tiny checkpoints are random-initialised per session."""
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """An HF-format tiny GLM-5 (glm_moe_dsa) checkpoint directory, shared by the whole session (read-only)."""
+    from glm5_model.hf_checkpoint import make_random_checkpoint
+
+    return make_random_checkpoint("tiny", tmp_path_factory.mktemp("ckpt") / "tiny", seed=0)

@@ -1,0 +1,39 @@
+"""Bad config values stop the run before Ray starts, with a message naming the field."""
+from __future__ import annotations
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from trainer.config import REPO_ROOT, ConfigError, parse_config
+
+
+def compose_config(overrides: list[str]) -> dict:
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base=None):
+        cfg = compose(config_name="config", overrides=overrides)
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def test_quickstart_composes_and_validates():
+    cfg = parse_config(compose_config(["+experiment=quickstart"]))
+    assert cfg.model.preset == "tiny"
+    assert cfg.trainer.num_steps >= 1
+    assert cfg.logging.wandb_mode == "offline"
+
+
+@pytest.mark.parametrize("override, field", [
+    ("trainer.lr=-1", "trainer.lr"),
+    ("trainer.lr=abc", "trainer.lr"),
+    ("rollout.samples_per_prompt=1", "rollout.samples_per_prompt"),
+    ("rollout.top_p=1.5", "rollout.top_p"),
+    ("trainer.expert_parallel=3", "trainer.expert_parallel"),
+    ("trainer.weight_sync=carrier_pigeon", "trainer.weight_sync"),
+    ("model.preset=huge", "model.preset"),
+    ("reward.name=no_such_reward", "reward.name"),
+    ("data.path=/nonexistent.jsonl", "data.path"),
+    ("+trainer.learning_rate=1e-3", "trainer.learning_rate"),
+])
+def test_bad_value_names_the_field(override, field):
+    with pytest.raises(ConfigError) as info:
+        parse_config(compose_config(["+experiment=quickstart", override]))
+    assert str(info.value).startswith(field + ":"), str(info.value)
