@@ -35,27 +35,49 @@ def make_random_checkpoint(preset: str, out_dir: str | Path, seed: int = 0) -> P
         for name, buf in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 buf.uniform_(-0.05, 0.05)
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        config = json.loads((tmp / "config.json").read_text())
+        # transformers drops fields SGLang's DeepSeek-family model code reads; put them back.
+        for key in ("moe_layer_freq", "topk_method", "scoring_func", "ep_size", "n_group", "topk_group"):
+            config[key] = config_dict[key]
+        _finish_checkpoint_dir(tmp, config)
+
+    return _write_atomically(out_dir, write)
+
+
+def write_checkpoint_dir(out_dir: str | Path, state: dict[str, torch.Tensor], hf_config: dict) -> Path:
+    """An HF-format checkpoint directory from HF-named tensors (what the trainer exports)."""
+    from safetensors.torch import save_file
+
+    def write(tmp: Path) -> None:
+        tmp.mkdir(parents=True)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
+        _finish_checkpoint_dir(tmp, dict(hf_config))
+
+    return _write_atomically(Path(out_dir), write)
+
+
+def _write_atomically(out_dir: Path, write) -> Path:
+    """Writes into a sibling temp dir, then renames: a crashed writer never leaves a half checkpoint."""
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp, safe_serialization=True)
-    _finish_checkpoint_dir(tmp, config_dict)
+    write(tmp)
     if out_dir.exists():
         shutil.rmtree(out_dir)
-    tmp.rename(out_dir)  # atomic: a crashed writer never leaves a half checkpoint under the real name
+    tmp.rename(out_dir)
     return out_dir
 
 
-def _finish_checkpoint_dir(path: Path, config_dict: dict) -> None:
-    """Copies the tokenizer in and restores config fields transformers drops but SGLang reads."""
+def _finish_checkpoint_dir(path: Path, config: dict) -> None:
+    """Writes config.json and copies the tokenizer in."""
     for name in _TOKENIZER_FILES:
         shutil.copy(TINY_TOKENIZER_DIR / name, path / name)
-    config_path = path / "config.json"
-    config = json.loads(config_path.read_text())
-    for key in ("moe_layer_freq", "topk_method", "scoring_func", "ep_size", "n_group", "topk_group"):
-        config[key] = config_dict[key]
     config["torch_dtype"] = "float32"
-    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def ensure_checkpoint(preset: str, out_dir: str | Path, seed: int = 0) -> Path:

@@ -50,6 +50,20 @@ PATCH_OF_NAME: dict[tuple[str, str], str] = {
     PATCHED_NAMES[5]: "C (DSA served as dense MLA)",
 }
 
+# Other SGLang internals slipstream relies on (platform plugin, engine wrapper), with what uses them; the canary
+# test imports these too.
+RELIED_ON_NAMES: dict[tuple[str, str], str] = {
+    ("sglang.srt.platforms.cpu", "CpuDeviceMixin"): "the CPU platform (rollout/sglang_cpu/platform.py)",
+    ("sglang.srt.platforms.interface", "SRTPlatform"): "the CPU platform (rollout/sglang_cpu/platform.py)",
+    ("sglang.srt.platforms.interface", "PlatformCapabilities"): "the CPU platform (rollout/sglang_cpu/platform.py)",
+    ("sglang.srt.platforms.device_mixin", "PlatformEnum"): "the CPU platform (rollout/sglang_cpu/platform.py)",
+    ("sglang.srt.model_executor.cuda_graph_config", "with_phase"): "the CPU platform's server-arg defaults",
+    ("sglang.srt.plugins", "PLATFORM_PLUGINS_GROUP"): "the platform entry point in pyproject.toml",
+    ("sglang.srt.plugins", "GENERAL_PLUGINS_GROUP"): "the patches entry point in pyproject.toml",
+    ("sglang.srt.entrypoints.engine", "Engine"): "rollout/engine.py",
+    ("sglang.srt.managers.tokenizer_manager", "TokenizerManager"): "rollout/engine.py (abort_request)",
+}
+
 _lock = threading.Lock()
 _applied = False
 

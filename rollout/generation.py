@@ -1,0 +1,74 @@
+"""Driver-side rollout: prompts -> groups of samples from the engines -> rewards.
+
+Engines are `rollout.engine.RolloutEngineActor` handles; each group goes to one engine so its shared prompt
+prefix is cached once."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import ray
+
+from rewards import RewardFn, RewardInput
+from rollout.data import PromptRow
+from rollout.sample import Sample, SampleStatus
+
+log = logging.getLogger(__name__)
+
+_STATUS = {"stop": SampleStatus.COMPLETED, "length": SampleStatus.TRUNCATED, "abort": SampleStatus.ABORTED}
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop_token_ids: tuple[int, ...] = ()
+
+    def as_sglang(self) -> dict:
+        return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p,
+                "stop_token_ids": list(self.stop_token_ids)}
+
+
+def generate_groups(engines: list, rows: list[PromptRow], prompt_ids: list[list[int]], group_size: int,
+                    settings: SamplingSettings, first_group_id: int = 0) -> list[Sample]:
+    """`group_size` samples per prompt, laid out group after group; each carries the weight version that
+    generated it (per token) and its behaviour logprobs."""
+    samples = [Sample(prompt_ids=ids, group_id=first_group_id + g, index_in_group=k, prompt=row.messages,
+                      label=row.label, metadata={"row": row.index, **row.metadata})
+               for g, (row, ids) in enumerate(zip(rows, prompt_ids)) for k in range(group_size)]
+    per_engine: list[list[Sample]] = [[] for _ in engines]
+    for s in samples:
+        per_engine[(s.group_id - first_group_id) % len(engines)].append(s)
+    params = settings.as_sglang()
+    calls = [(engine, batch, engine.generate.remote([{"input_ids": s.prompt_ids, "sampling_params": params}
+                                                     for s in batch]))
+             for engine, batch in zip(engines, per_engine) if batch]
+    for _, batch, ref in calls:
+        for s, out in zip(batch, ray.get(ref)):
+            if len(out["output_ids"]) != len(out["output_logprobs"]):
+                raise RuntimeError(f"engine returned {len(out['output_ids'])} tokens but "
+                                   f"{len(out['output_logprobs'])} logprobs for group {s.group_id}/{s.index_in_group}")
+            s.append_response(out["output_ids"], out["output_logprobs"], out["weight_version"])
+            s.response_text = out["text"]
+            s.status = _STATUS.get(out["finish_reason"], SampleStatus.COMPLETED)
+    return samples
+
+
+async def _score_one(reward_fn: RewardFn, sample: Sample, fallback: float) -> None:
+    try:
+        result = await reward_fn(RewardInput(prompt=sample.prompt, response=sample.response_text,
+                                             label=sample.label, metadata=sample.metadata))
+        sample.reward, sample.reward_components = result.score, dict(result.components)
+    except Exception as exc:  # a faulty plugin costs one sample's score, never the run
+        log.error("reward failed for sample group %d/%d (row %s): %r; using fallback %s",
+                  sample.group_id, sample.index_in_group, sample.metadata.get("row"), exc, fallback)
+        sample.reward, sample.reward_components = fallback, {"reward_error": 1.0}
+
+
+def score_samples(samples: list[Sample], reward_fn: RewardFn, fallback: float = 0.0) -> None:
+    async def run() -> None:
+        await asyncio.gather(*(_score_one(reward_fn, s, fallback) for s in samples))
+
+    asyncio.run(run())

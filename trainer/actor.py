@@ -1,0 +1,150 @@
+"""One Megatron-core training rank. `TrainRankActor` runs it as a Ray actor; `trainer/group.py` drives a group.
+
+Each rank holds the GLM-5 GPTModel wrapped in Megatron's DistributedDataParallel and Megatron's optimizer, takes
+its data-parallel share of the batch, and joins the collectives (gradient all-reduce, MoE token all-gather,
+weight gather for export)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from glm5_model.compat import cpu_device_scope
+from glm5_model.convert import ExpertShard, load_hf_into_megatron, megatron_tensors, megatron_to_hf
+from glm5_model.hf_checkpoint import load_hf_state_dict
+from glm5_model.megatron_config import ParallelLayout
+from glm5_model.model import build_gpt_model
+from glm5_model.parallel import causal_inputs, init_parallel
+from trainer.batching import BatchShape, MicroBatch, TrainItem, make_micro_batches
+from trainer.losses import ppo_clip_loss
+
+
+class TrainRank:
+    def __init__(self, rank: int, world_size: int, master_port: int, checkpoint_dir: str, cfg: dict[str, Any]):
+        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        self.rank, self.world_size, self.cfg = rank, world_size, cfg
+        self.layout = ParallelLayout(expert_parallel=cfg["expert_parallel"])
+        init_parallel(rank, world_size, self.layout, master_port=master_port, seed=cfg["seed"])
+        from megatron.core import parallel_state as ps
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        self.hf_config = json.loads((Path(checkpoint_dir) / "config.json").read_text())
+        num_experts = self.hf_config["n_routed_experts"]
+        self.shard = ExpertShard(ps.get_expert_model_parallel_rank(), num_experts // self.layout.expert_parallel)
+        model = build_gpt_model(self.hf_config, self.layout)
+        hf_state = load_hf_state_dict(checkpoint_dir)
+        load_hf_into_megatron(model, hf_state, self.shard)
+        # The dense-MLA Megatron model has no DSA indexer; its weights pass through unchanged on export.
+        self.passthrough = {k: v for k, v in hf_state.items() if ".indexer." in k}
+        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                                   use_distributed_optimizer=False)
+        self.model = DistributedDataParallel(model.config, ddp_config, model)
+        opt_config = OptimizerConfig(
+            optimizer="adam", lr=cfg["lr"], min_lr=cfg["lr"], weight_decay=cfg["weight_decay"],
+            adam_beta1=cfg["adam_beta1"], adam_beta2=cfg["adam_beta2"], clip_grad=cfg["grad_clip"],
+            bf16=False, fp16=False, params_dtype=torch.float32, use_distributed_optimizer=False,
+        )
+        with cpu_device_scope():
+            self.optimizer = get_megatron_optimizer(opt_config, [self.model])
+        self.dp_size = ps.get_data_parallel_world_size()
+
+    def ready(self) -> dict[str, Any]:
+        return {"rank": self.rank, "expert_shard": (self.shard.ep_rank, self.shard.num_local),
+                "dp_size": self.dp_size, "params": sum(p.numel() for p in self.model.parameters())}
+
+    def _token_logprobs(self, tokens: torch.Tensor) -> torch.Tensor:
+        """log p(tokens[:, t+1] | tokens[:, :t+1]) for every t: [b, s-1]."""
+        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+        position_ids, mask = causal_inputs(tokens)
+        logits = self.model(tokens, position_ids, mask)  # [b, s, vocab / tp]
+        targets = tokens[:, 1:]
+        return -vocab_parallel_cross_entropy(logits[:, :-1].float().contiguous(), targets)
+
+    @torch.no_grad()
+    def compute_logprobs(self, items: list[TrainItem], shape: BatchShape) -> list[list[float]]:
+        """Response-token logprobs under the current weights, one list per real item (in order)."""
+        self.model.eval()
+        out: list[list[float]] = []
+        for mb, chunk in self._batches(items, shape):
+            logprobs = self._token_logprobs(mb.tokens)
+            for i, it in enumerate(chunk):
+                out.append(logprobs[i, it.prompt_len - 1:len(it.tokens) - 1].tolist())
+        return out
+
+    def _batches(self, items: list[TrainItem], shape: BatchShape):
+        batches = make_micro_batches(items, shape)
+        for m, mb in enumerate(batches):
+            yield mb, items[m * shape.rows:(m + 1) * shape.rows]
+
+    def train_step(self, items: list[TrainItem], shape: BatchShape, global_tokens: int) -> dict[str, float]:
+        """One optimizer step on this rank's share. Losses are normalised by the response-token count of the
+        whole global batch and scaled by the data-parallel size, because Megatron's DDP averages gradients over
+        data-parallel ranks: the result is the token-level mean over the global batch."""
+        from megatron.core.distributed import finalize_model_grads
+
+        self.model.train()
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        sums = {"pg_loss": 0.0, "clipped": 0.0, "approx_kl": 0.0, "tokens": 0.0, "logprob_abs_diff": 0.0}
+        scale = self.dp_size / max(global_tokens, 1)
+        for mb, _ in self._batches(items, shape):
+            logprobs = self._token_logprobs(mb.tokens)
+            # One optimizer step per rollout batch: the proximal (old) policy is the current one, so the ratio is
+            # 1 at the gradient and its clip only binds once several steps reuse a batch.
+            old = logprobs.detach()
+            terms = ppo_clip_loss(logprobs, old, mb.advantages, mb.loss_mask,
+                                  self.cfg["clip_eps_low"], self.cfg["clip_eps_high"])
+            (terms.loss_sum * scale).backward()
+            sums["pg_loss"] += terms.loss_sum.item()
+            sums["clipped"] += terms.clipped_tokens.item()
+            sums["approx_kl"] += terms.approx_kl_sum.item()
+            sums["tokens"] += mb.loss_mask.sum().item()
+            sums["logprob_abs_diff"] += ((old - mb.rollout_logprobs).abs() * mb.loss_mask).sum().item()
+        finalize_model_grads([self.model])
+        with cpu_device_scope():
+            ok, grad_norm, _ = self.optimizer.step()
+        if not ok:
+            raise RuntimeError(f"rank {self.rank}: optimizer step failed (non-finite gradients?)")
+        sums["grad_norm"] = float(grad_norm)
+        return sums
+
+    @torch.no_grad()
+    def export_hf_weights(self) -> list[tuple[str, torch.Tensor]] | None:
+        """Full HF-named weights, gathered across expert-parallel ranks. A collective: every rank must call it;
+        rank 0 returns the tensors, the others None."""
+        from megatron.core import parallel_state as ps
+
+        ep = self.layout.expert_parallel
+        out: list[tuple[str, torch.Tensor]] = []
+        for name, tensor in megatron_tensors(self.model.module):
+            if ".local_experts." in name and ep > 1:
+                parts = [torch.empty_like(tensor) for _ in range(ep)]
+                dist.all_gather(parts, tensor.contiguous(), group=ps.get_expert_model_parallel_group())
+                for ep_rank, part in enumerate(parts):
+                    out.extend(megatron_to_hf(name, part, ExpertShard(ep_rank, self.shard.num_local)))
+            else:
+                out.extend(megatron_to_hf(name, tensor, self.shard))
+        if self.rank != 0:
+            return None
+        out.extend(self.passthrough.items())
+        return [(n, t.detach().clone()) for n, t in out]
+
+    def save_hf_checkpoint(self, path: str) -> str | None:
+        """Writes an HF-format checkpoint directory (collective; rank 0 writes)."""
+        named = self.export_hf_weights()
+        if named is None:
+            return None
+        from glm5_model.hf_checkpoint import write_checkpoint_dir
+
+        return str(write_checkpoint_dir(Path(path), dict(named), self.hf_config))
+
+    def shutdown(self) -> None:
+        from glm5_model.parallel import destroy_parallel
+
+        destroy_parallel()

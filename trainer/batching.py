@@ -1,0 +1,79 @@
+"""Turns rollout samples into padded, equally shaped per-rank micro-batches.
+
+Every data-parallel rank must run the same number of micro-batches of the same shape: MoE token dispatch
+all-gathers activations across the expert-parallel group, so a rank with a different shape (or one fewer
+micro-batch) would deadlock or fail inside the collective. Dummy rows carry an all-zero loss mask."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class TrainItem:
+    """What a training rank needs of one sample."""
+
+    tokens: list[int]
+    prompt_len: int
+    advantage: float
+    rollout_logprobs: list[float]  # behaviour-policy logprobs of tokens[prompt_len:]
+
+    def __post_init__(self) -> None:
+        n_resp = len(self.tokens) - self.prompt_len
+        if self.prompt_len < 1 or n_resp < 0:
+            raise ValueError(f"bad sample: prompt_len {self.prompt_len} for {len(self.tokens)} tokens")
+        if len(self.rollout_logprobs) != n_resp:
+            raise ValueError(f"bad sample: {n_resp} response tokens but {len(self.rollout_logprobs)} logprobs")
+
+
+@dataclass
+class MicroBatch:
+    tokens: torch.Tensor            # [b, s] int64
+    loss_mask: torch.Tensor         # [b, s-1] 1.0 where target token s+1 is a response token of a real row
+    advantages: torch.Tensor        # [b, s-1] the row's advantage broadcast over its tokens
+    rollout_logprobs: torch.Tensor  # [b, s-1] behaviour logprobs aligned with targets (0 where masked)
+    real_rows: int                  # rows before padding
+
+
+def shard_items(items: list[TrainItem], world_size: int) -> list[list[TrainItem]]:
+    """Round-robin split, so long and short groups spread over ranks."""
+    return [items[r::world_size] for r in range(world_size)]
+
+
+@dataclass(frozen=True)
+class BatchShape:
+    num_micro: int  # micro-batches per rank
+    rows: int       # rows per micro-batch
+    seq_len: int    # padded sequence length
+
+
+def plan_shape(items: list[TrainItem], world_size: int, micro_batch_size: int) -> BatchShape:
+    """The shape every rank uses for this batch."""
+    if not items:
+        raise ValueError("no samples to train on")
+    per_rank = math.ceil(len(items) / world_size)
+    rows = min(micro_batch_size, per_rank)
+    return BatchShape(math.ceil(per_rank / rows), rows, max(len(it.tokens) for it in items))
+
+
+def make_micro_batches(items: list[TrainItem], shape: BatchShape, pad_id: int = 0) -> list[MicroBatch]:
+    batches = []
+    rows, seq_len = shape.rows, shape.seq_len
+    for m in range(shape.num_micro):
+        chunk = items[m * rows:(m + 1) * rows]
+        tokens = torch.full((rows, seq_len), pad_id, dtype=torch.long)
+        mask = torch.zeros(rows, seq_len - 1)
+        adv = torch.zeros(rows, seq_len - 1)
+        behaviour = torch.zeros(rows, seq_len - 1)
+        for i, it in enumerate(chunk):
+            n = len(it.tokens)
+            tokens[i, :n] = torch.tensor(it.tokens)
+            # target position t predicts tokens[t+1]; response tokens are tokens[prompt_len:n]
+            lo, hi = it.prompt_len - 1, n - 1
+            mask[i, lo:hi] = 1.0
+            adv[i, lo:hi] = it.advantage
+            behaviour[i, lo:hi] = torch.tensor(it.rollout_logprobs, dtype=torch.float32)
+        batches.append(MicroBatch(tokens, mask, adv, behaviour, len(chunk)))
+    return batches

@@ -1,0 +1,71 @@
+"""A group of Megatron training ranks (Ray actors) behind one object with one call per RL stage."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import ray
+
+from glm5_model.parallel import free_port
+from trainer.actor import TrainRank
+from trainer.batching import TrainItem, plan_shape, shard_items
+from trainer.config import TrainerConfig
+
+TrainRankActor = ray.remote(TrainRank)
+
+
+class TrainerGroup:
+    def __init__(self, cfg: TrainerConfig, checkpoint_dir: str):
+        self.cfg = cfg
+        port = free_port()
+        rank_cfg = dataclasses.asdict(cfg)
+        self.ranks = [
+            TrainRankActor.options(num_cpus=cfg.cpus_per_rank, name=None).remote(
+                rank, cfg.world_size, port, str(checkpoint_dir), rank_cfg)
+            for rank in range(cfg.world_size)
+        ]
+        self.info = ray.get([r.ready.remote() for r in self.ranks])
+
+    def _call(self, method: str, items: list[TrainItem], *extra) -> list[Any]:
+        shape = plan_shape(items, self.cfg.world_size, self.cfg.micro_batch_size)
+        shards = shard_items(items, self.cfg.world_size)
+        return ray.get([getattr(r, method).remote(shard, shape, *extra) for r, shard in zip(self.ranks, shards)])
+
+    def compute_logprobs(self, items: list[TrainItem]) -> list[list[float]]:
+        """Response-token logprobs for each item, in the order given."""
+        per_rank = self._call("compute_logprobs", items)
+        out: list[list[float] | None] = [None] * len(items)
+        for rank, values in enumerate(per_rank):
+            for j, v in enumerate(values):
+                out[rank + j * self.cfg.world_size] = v
+        return out  # type: ignore[return-value]
+
+    def train_step(self, items: list[TrainItem]) -> dict[str, float]:
+        global_tokens = sum(len(it.tokens) - it.prompt_len for it in items)
+        per_rank = self._call("train_step", items, global_tokens)
+        total = {k: sum(r[k] for r in per_rank) for k in ("pg_loss", "clipped", "approx_kl", "tokens",
+                                                          "logprob_abs_diff")}
+        tokens = max(total["tokens"], 1.0)
+        return {
+            "train/pg_loss": total["pg_loss"] / tokens,
+            "train/pg_clipfrac": total["clipped"] / tokens,
+            "train/ppo_kl": total["approx_kl"] / tokens,
+            "train/train_rollout_logprob_abs_diff": total["logprob_abs_diff"] / tokens,
+            "train/grad_norm": per_rank[0]["grad_norm"],
+            "train/response_tokens": total["tokens"],
+        }
+
+    def export_weights(self) -> ray.ObjectRef:
+        """A reference to rank 0's HF-named full weights (all ranks join the gather); engines resolve it
+        directly from the object store, so the tensors never pass through the driver."""
+        refs = [r.export_hf_weights.remote() for r in self.ranks]
+        ray.wait(refs, num_returns=len(refs))
+        return refs[0]
+
+    def save_hf_checkpoint(self, path: str) -> str:
+        return ray.get([r.save_hf_checkpoint.remote(path) for r in self.ranks])[0]
+
+    def shutdown(self) -> None:
+        ray.get([r.shutdown.remote() for r in self.ranks])
+        for r in self.ranks:
+            ray.kill(r)

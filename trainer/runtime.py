@@ -1,0 +1,128 @@
+"""What the loop in trainer/main.py drives: engines, trainer ranks, data, reward and logging, one call each."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import statistics
+from pathlib import Path
+
+import ray
+import torch
+
+from glm5_model.hf_checkpoint import ensure_checkpoint
+from glm5_model.tokenizer.build import stop_token_ids
+from rewards import load_reward
+from rollout.data import PromptSource, load_prompt_rows
+from rollout.engine import RolloutEngineActor
+from rollout.generation import SamplingSettings, generate_groups, score_samples
+from rollout.sample import Sample
+from trainer.batching import TrainItem
+from trainer.config import RunConfig, resolve_path
+from trainer.group import TrainerGroup
+from trainer.losses import grpo_advantages
+
+log = logging.getLogger("slipstream")
+
+
+class Runtime:
+    def __init__(self, cfg: RunConfig, checkpoint: Path, engines: list, trainer: TrainerGroup, tokenizer,
+                 data: PromptSource, wandb_run):
+        self.cfg, self.checkpoint, self.engines, self.trainer = cfg, checkpoint, engines, trainer
+        self.tokenizer, self.data, self.wandb_run = tokenizer, data, wandb_run
+        self.reward_fn = load_reward(cfg.reward.name, cfg.reward.kwargs)
+        self.settings = SamplingSettings(cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p,
+                                         tuple(stop_token_ids(tokenizer)))
+        self.output_dir = resolve_path(cfg.output_dir)
+
+    @classmethod
+    def start(cls, cfg: RunConfig) -> "Runtime":
+        from transformers import AutoTokenizer
+
+        checkpoint = ensure_checkpoint(cfg.model.preset, resolve_path(cfg.model.checkpoint_dir), cfg.model.init_seed)
+        rows = load_prompt_rows(resolve_path(cfg.data.path), cfg.data.messages_key, cfg.data.label_key)
+        tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
+        if not ray.is_initialized():
+            needed = cfg.rollout.num_engines * cfg.rollout.engine_cpus + cfg.trainer.world_size * cfg.trainer.cpus_per_rank
+            # Logical CPUs: actors mostly wait on each other, so we let them share the physical cores.
+            ray.init(num_cpus=max(int(needed) + 1, os.cpu_count() or 1), include_dashboard=False,
+                     log_to_driver=True)
+        engines = [RolloutEngineActor.options(num_cpus=cfg.rollout.engine_cpus).remote(
+                       str(checkpoint), dtype=cfg.model.dtype, max_total_tokens=cfg.rollout.max_total_tokens,
+                       seed=cfg.trainer.seed + i, start_timeout_s=cfg.rollout.engine_start_timeout_s)
+                   for i in range(cfg.rollout.num_engines)]
+        trainer = TrainerGroup(cfg.trainer, str(checkpoint))
+        ray.get([e.weight_version.remote() for e in engines])  # engines are up
+        wandb_run = _init_wandb(cfg)
+        return cls(cfg, checkpoint, engines, trainer, tokenizer, PromptSource(rows, cfg.data.shuffle_seed),
+                   wandb_run)
+
+    def generate(self, step: int) -> list[Sample]:
+        rows = self.data.next_batch(self.cfg.rollout.prompts_per_step)
+        prompt_ids = [self.tokenizer.apply_chat_template(r.messages, add_generation_prompt=True, tokenize=True,
+                                                         return_dict=False) for r in rows]
+        return generate_groups(self.engines, rows, prompt_ids, self.cfg.rollout.samples_per_prompt, self.settings,
+                               first_group_id=step * len(rows))
+
+    def score(self, samples: list[Sample]) -> None:
+        score_samples(samples, self.reward_fn)
+
+    def train(self, samples: list[Sample]) -> dict[str, float]:
+        rewards = torch.tensor([s.reward for s in samples], dtype=torch.float32)
+        advantages = grpo_advantages(rewards, self.cfg.rollout.samples_per_prompt, self.cfg.trainer.advantage_eps)
+        items = [TrainItem(s.tokens, len(s.prompt_ids), float(a), s.response_logprobs)
+                 for s, a in zip(samples, advantages.tolist()) if s.response_length > 0]
+        return self.trainer.train_step(items)
+
+    def sync_weights(self, version: int) -> None:
+        if self.cfg.trainer.weight_sync == "disk":
+            path = self.trainer.save_hf_checkpoint(str(self.output_dir / "weights" / f"v{version}"))
+            ray.get([e.update_weights_from_disk.remote(path, version) for e in self.engines])
+        else:
+            ref = self.trainer.export_weights()
+            ray.get([e.update_weights_from_tensors.remote(ref, version) for e in self.engines])
+
+    @staticmethod
+    def rollout_metrics(samples: list[Sample]) -> dict[str, float]:
+        rewards = [s.reward for s in samples]
+        lengths = [s.response_length for s in samples]
+        return {"rollout/raw_reward": statistics.fmean(rewards),
+                "rollout/response_len/mean": statistics.fmean(lengths),
+                "rollout/truncated_frac": statistics.fmean(s.status.value == "truncated" for s in samples)}
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        print(f"step {step + 1}/{self.cfg.trainer.num_steps} reward {metrics['rollout/raw_reward']:.4f} "
+              f"pg_loss {metrics['train/pg_loss']:+.4f} grad_norm {metrics['train/grad_norm']:.3f} "
+              f"resp_len {metrics['rollout/response_len/mean']:.1f} "
+              f"|train-rollout logp| {metrics['train/train_rollout_logprob_abs_diff']:.2e} "
+              f"rollout {metrics['perf/rollout_time']:.1f}s train {metrics['perf/train_time']:.1f}s "
+              f"sync {metrics['perf/update_weights_time']:.1f}s", flush=True)
+        if self.wandb_run is not None:
+            self.wandb_run.log({**metrics, "train/step": step + 1, "rollout/step": step + 1})
+
+    def save_final(self) -> None:
+        path = self.trainer.save_hf_checkpoint(str(self.output_dir / "final"))
+        log.info("final HF checkpoint: %s", path)
+
+    def shutdown(self) -> None:
+        try:
+            self.trainer.shutdown()
+            ray.get([e.shutdown.remote() for e in self.engines], timeout=60)
+        finally:
+            if self.wandb_run is not None:
+                self.wandb_run.finish()
+            ray.shutdown()
+
+
+def _init_wandb(cfg: RunConfig):
+    if cfg.logging.wandb_mode == "disabled":
+        return None
+    import wandb
+
+    wandb_dir = resolve_path(cfg.logging.dir)
+    wandb_dir.mkdir(parents=True, exist_ok=True)
+    run = wandb.init(project=cfg.logging.project, name=cfg.logging.run_name, mode=cfg.logging.wandb_mode,
+                     dir=str(wandb_dir), config=dataclasses.asdict(cfg))
+    for axis in ("train", "rollout", "perf"):
+        run.define_metric(f"{axis}/*", step_metric="train/step" if axis != "rollout" else "rollout/step")
+    return run
