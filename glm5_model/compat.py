@@ -21,6 +21,8 @@ MEGATRON_INTERNALS = [
     ("megatron.core.transformer.dot_product_attention", "DotProductAttention"),
     ("megatron.core.transformer.multi_latent_attention", "HAVE_TE"),
     ("megatron.core.models.gpt.gpt_layer_specs", "get_gpt_decoder_block_spec"),
+    ("megatron.core.transformer.torch_norm", "WrappedTorchNorm"),
+    ("megatron.core.optimizer.clip_grads", "clip_grad_by_total_norm_fp32"),
 ]
 
 _installed = False

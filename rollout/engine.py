@@ -189,45 +189,54 @@ def _start_engine(kwargs: dict, timeout_s: float):
     """Starts sglang.Engine; if it is not up within timeout_s, kills the processes it spawned and raises.
 
     A failed start can hang (the launcher waits on a scheduler that never reports); killing the scheduler
-    processes makes the launcher's wait fail, so the constructor returns and we can raise a clear error."""
+    processes makes the launcher's wait fail, so the constructor returns and we can raise a clear error. The
+    watchdog keeps killing until the constructor returns: at the deadline the processes may not exist yet."""
     import sglang
 
     me = psutil.Process()
     before = {p.pid for p in me.children(recursive=True)}
-    timed_out = threading.Event()
+    done, timed_out = threading.Event(), threading.Event()
 
-    def kill_spawned():
+    def watchdog():
+        if done.wait(timeout_s):
+            return
         timed_out.set()
-        _kill_new_children(me, before)
+        while not done.is_set():
+            _kill_new_children(me, before)
+            done.wait(0.5)
 
-    timer = threading.Timer(timeout_s, kill_spawned)
-    timer.daemon = True
-    timer.start()
+    threading.Thread(target=watchdog, name="sglang-start-watchdog", daemon=True).start()
     t0 = time.monotonic()
+    what = f"SGLang engine for {kwargs['model_path']}"
     try:
         engine = sglang.Engine(**kwargs)
     except BaseException as exc:
+        done.set()
         _kill_new_children(me, before)
         if timed_out.is_set():
-            raise EngineStartError(f"SGLang engine for {kwargs['model_path']} did not start within {timeout_s:.0f}s "
-                                   "(set SLIPSTREAM_ENGINE_START_TIMEOUT_S to change); its processes were killed") from exc
-        raise EngineStartError(f"SGLang engine for {kwargs['model_path']} failed to start: {exc}") from exc
-    finally:
-        timer.cancel()
-    if timed_out.is_set():
-        engine.shutdown()
-        raise EngineStartError(f"SGLang engine for {kwargs['model_path']} did not start within {timeout_s:.0f}s")
-    logger.info("SGLang engine for %s ready in %.1fs", kwargs["model_path"], time.monotonic() - t0)
+            raise EngineStartError(f"{what} did not start within {timeout_s:.0f}s (set "
+                                   "SLIPSTREAM_ENGINE_START_TIMEOUT_S to change); its processes were killed") from exc
+        raise EngineStartError(f"{what} failed to start: {exc}") from exc
+    done.set()
+    if timed_out.is_set():  # came up, but only after the watchdog had started killing: not trustworthy
+        try:
+            engine.shutdown()
+        finally:
+            _kill_new_children(me, before)
+        raise EngineStartError(f"{what} did not start within {timeout_s:.0f}s")
+    logger.info("%s ready in %.1fs", what, time.monotonic() - t0)
     return engine
 
 
 def _kill_new_children(me: psutil.Process, before: set[int]) -> None:
-    for child in me.children(recursive=True):
-        if child.pid not in before:
-            try:
-                child.kill()
-            except psutil.NoSuchProcess:
-                pass
+    """Kills (and reaps) every descendant process that did not exist before the engine start."""
+    victims = [c for c in me.children(recursive=True) if c.pid not in before]
+    for child in victims:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(victims, timeout=5)
 
 
 # Threaded so abort() can run while generate() is in flight; callers add resources with .options(num_cpus=...).

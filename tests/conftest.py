@@ -10,3 +10,14 @@ def tiny_checkpoint(tmp_path_factory):
     from glm5_model.hf_checkpoint import make_random_checkpoint
 
     return make_random_checkpoint("tiny", tmp_path_factory.mktemp("ckpt") / "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the tests that need actors; logical CPUs exceed the 2 cores on purpose (actors mostly
+    wait on each other)."""
+    import ray
+
+    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -53,6 +53,12 @@ class SlipstreamCpuPlatform(CpuDeviceMixin, SRTPlatform):
     def is_pin_memory_available(self, device=None) -> bool:
         return False
 
+    def get_device(self, device_id: int | None = 0) -> str:
+        # A string, not CpuDeviceMixin's torch.device: when no device is passed, server-arg resolution
+        # (`utils.common.get_device`) takes this value and calls `.split(":")` on it. torch accepts "cpu" wherever
+        # it accepts a device.
+        return "cpu"
+
     # In-tree KV pools and paged allocator: they allocate on `device` and work for any torch device.
     def get_kv_pool_cls(self, *, kind):
         return None

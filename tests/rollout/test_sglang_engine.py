@@ -12,7 +12,7 @@ import torch
 import sglang  # noqa: F401  -- no importorskip: a missing sglang must fail, not skip
 
 from glm5_model.hf_checkpoint import load_hf_state_dict
-from rollout.engine import RolloutEngineActor, SGLangEngine
+from rollout.engine import EngineStartError, RolloutEngineActor, SGLangEngine
 
 STOP_IDS = [0, 7, 9]
 LOGPROB_MEAN_TOL = 1e-4
@@ -66,6 +66,18 @@ def _diffs(model, prompts, results) -> torch.Tensor:
         ref = _hf_logprobs(model, prompt, res["output_ids"])
         diffs.extend(abs(a - b) for a, b in zip(ref, res["output_logprobs"]))
     return torch.tensor(diffs)
+
+
+def test_engine_start_deadline(tiny_checkpoint):
+    """A start that overruns its deadline raises a clear error and leaves no processes behind (a failed start can
+    otherwise hang forever). Runs before the shared engine exists, so no process of that one can be hit."""
+    import psutil
+
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    with pytest.raises(EngineStartError, match="did not start within 2s"):
+        SGLangEngine(str(tiny_checkpoint), max_total_tokens=4096, start_timeout_s=2)
+    left = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+    assert not left, f"engine processes left running: {left}"
 
 
 @pytest.fixture(scope="module")

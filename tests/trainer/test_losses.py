@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trainer.batching import TrainItem, make_micro_batches, plan_shape, shard_items
+from trainer.losses import grpo_advantages, ppo_clip_loss
+
+
+def test_grpo_advantages_normalise_within_groups():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 5.0, 5.0, 5.0, 5.0])
+    adv = grpo_advantages(rewards, group_size=4)
+    assert torch.allclose(adv[:4], torch.tensor([1.0, -1.0, -1.0, 1.0]), atol=1e-5)
+    assert torch.all(adv[4:] == 0)  # a group with equal rewards carries no signal
+    with pytest.raises(ValueError, match="groups of 3"):
+        grpo_advantages(rewards, group_size=3)
+
+
+def test_ppo_clip_matches_hand_computation():
+    old = torch.zeros(1, 4)
+    new = torch.log(torch.tensor([[0.5, 1.0, 1.5, 1.1]]))  # ratios
+    adv = torch.tensor([[1.0, 1.0, 1.0, -1.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    terms = ppo_clip_loss(new, old, adv, mask, eps_low=0.2, eps_high=0.28)
+    # token 0: min(0.5, 0.8) = 0.5; token 1: 1.0; token 2: min(1.5, 1.28) = 1.28; token 3 masked
+    assert terms.loss_sum.item() == pytest.approx(-(0.5 + 1.0 + 1.28))
+    assert terms.clipped_tokens.item() == 1.0
+    # negative advantage below the lower bound is clipped: -min(0.5 * -1, 0.8 * -1) = 0.8
+    neg = ppo_clip_loss(torch.log(torch.tensor([[0.5]])), torch.zeros(1, 1), torch.tensor([[-1.0]]),
+                        torch.ones(1, 1), 0.2, 0.28)
+    assert neg.loss_sum.item() == pytest.approx(0.8)
+
+
+def test_ppo_gradient_is_advantage_weighted_logprob_gradient_on_policy():
+    logprobs = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    adv = torch.tensor([[2.0, -1.0]])
+    terms = ppo_clip_loss(logprobs, logprobs.detach(), adv, torch.ones(1, 2), 0.2, 0.28)
+    terms.loss_sum.backward()
+    assert torch.allclose(logprobs.grad, -adv)
+
+
+def _items():
+    return [TrainItem(list(range(3 + i)), 2, float(i), [-1.0] * (1 + i)) for i in range(5)]
+
+
+def test_micro_batches_have_equal_shapes_on_every_rank():
+    items = _items()
+    shape = plan_shape(items, world_size=2, micro_batch_size=2)
+    per_rank = [make_micro_batches(shard, shape) for shard in shard_items(items, 2)]
+    assert [len(b) for b in per_rank] == [shape.num_micro] * 2
+    shapes = {tuple(mb.tokens.shape) for batches in per_rank for mb in batches}
+    assert shapes == {(shape.rows, 7)}
+
+
+def test_loss_mask_covers_exactly_the_response_targets():
+    item = TrainItem([10, 11, 12, 13, 14], prompt_len=3, advantage=0.5, rollout_logprobs=[-0.1, -0.2])
+    [mb] = make_micro_batches([item], plan_shape([item], 1, 4))
+    # targets are tokens[1:]; response tokens 13, 14 are targets at positions 2 and 3
+    assert mb.loss_mask.tolist() == [[0.0, 0.0, 1.0, 1.0]]
+    assert mb.rollout_logprobs.tolist()[0][2:] == pytest.approx([-0.1, -0.2])
+    assert mb.advantages.tolist() == [[0.0, 0.0, 0.5, 0.5]]
+
+
+def test_bad_item_is_rejected():
+    with pytest.raises(ValueError, match="2 response tokens but 1 logprobs"):
+        TrainItem([1, 2, 3, 4], 2, 0.0, [-1.0])
