@@ -4,9 +4,11 @@ This package imports nothing from trainer/, rollout/ or glm5_model/, so a plugin
 without engines or Megatron.
 """
 from rewards.api import RewardInput, RewardResult, RewardFn
-from rewards.registry import get_reward, register_reward, registered_rewards, load_reward
+from rewards.registry import get_reward, load_reward, register_reward, registered_rewards, reward_examples
+from rewards.runner import RewardRunner, RewardSpec, RunnerSettings
 
 __all__ = [
     "RewardInput", "RewardResult", "RewardFn",
-    "get_reward", "register_reward", "registered_rewards", "load_reward",
+    "get_reward", "register_reward", "registered_rewards", "load_reward", "reward_examples",
+    "RewardRunner", "RewardSpec", "RunnerSettings",
 ]

@@ -1,23 +1,34 @@
-"""Name -> reward function. Built-ins register on import; outside plugins load by dotted path."""
+"""Name -> reward function. Built-ins register on import; outside plugins register through the
+`slipstream.rewards` entry-point group (name = reward name, value = "module:function") or load by dotted path
+("module:function") or file path ("path/to/plugin.py:function") straight from the config."""
 from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import inspect
+import logging
 from typing import Any
 
 from rewards.api import RewardFn
 
 _REGISTRY: dict[str, RewardFn] = {}
+_EXAMPLES: dict[str, list] = {}
+ENTRY_POINT_GROUP = "slipstream.rewards"
 
 
-def register_reward(name: str):
+def register_reward(name: str, examples: list | None = None):
+    """Registers an async reward under `name`. `examples` (RewardInputs) are what `python -m rewards check`
+    runs the contract tests on; give at least one for a reward that needs labels."""
+
     def decorator(fn: RewardFn) -> RewardFn:
         if not inspect.iscoroutinefunction(fn):
             raise TypeError(f"reward {name!r}: {fn.__qualname__} must be an `async def` function")
         if name in _REGISTRY and _REGISTRY[name] is not fn:
             raise ValueError(f"reward {name!r} is already registered by {_REGISTRY[name].__module__}")
         _REGISTRY[name] = fn
+        if examples:
+            _EXAMPLES[name] = list(examples)
         return fn
 
     return decorator
@@ -28,24 +39,63 @@ def registered_rewards() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def reward_examples(name: str) -> list:
+    _import_builtins()
+    return list(_EXAMPLES.get(name, []))
+
+
+_builtins_loaded = False
+
+
 def _import_builtins() -> None:
+    global _builtins_loaded
+    if _builtins_loaded:
+        return
+    _builtins_loaded = True
     importlib.import_module("rewards.builtin")
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in _REGISTRY:
+            continue
+        try:
+            fn = ep.load()
+        except Exception as exc:  # a broken outside plugin must not take the built-ins down with it
+            logging.getLogger(__name__).error("reward plugin %r (%s) failed to load: %r", ep.name, ep.value, exc)
+            continue
+        register_reward(ep.name)(fn)
+
+
+def _load_target(name: str):
+    """'module:function' or 'path/to/file.py:function' (function defaults to `reward` for files)."""
+    target, _, attr = name.rpartition(":") if ":" in name else (name, "", "")
+    if target.endswith(".py"):
+        from pathlib import Path
+
+        path = Path(target)
+        if not path.is_file():
+            raise ValueError(f"reward {name!r}: no such file {path}")
+        spec = importlib.util.spec_from_file_location(f"slipstream_reward_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+        return getattr(module, attr or "reward")
+    return getattr(importlib.import_module(target), attr)
 
 
 def _resolve(name: str) -> RewardFn:
     _import_builtins()
     if name in _REGISTRY:
         return _REGISTRY[name]
-    if ":" in name:  # "package.module:function" -- an outside author's plugin
-        module_name, _, attr = name.partition(":")
+    if ":" in name or name.endswith(".py"):  # an outside author's plugin
         try:
-            fn = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as exc:
+            fn = _load_target(name)
+        except (ImportError, AttributeError, SyntaxError) as exc:
             raise ValueError(f"reward {name!r} could not be loaded: {exc}") from exc
         if not inspect.iscoroutinefunction(fn):
             raise TypeError(f"reward {name!r} must be an `async def` function")
         return fn
-    raise ValueError(f"unknown reward {name!r}; registered: {sorted(_REGISTRY)} (or use 'module:function')")
+    raise ValueError(f"unknown reward {name!r}; registered: {sorted(_REGISTRY)} "
+                     "(or use 'module:function' / 'path/to/file.py:function')")
 
 
 def get_reward(name: str) -> RewardFn:

@@ -10,11 +10,13 @@ On a machine without CUDA the engine runs on CPU through our out-of-tree SGLang 
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import psutil
 import ray
@@ -44,15 +46,16 @@ class SGLangEngine:
                  start_timeout_s: float = ENGINE_START_TIMEOUT_S):
         self._lock = threading.Lock()
         self._version = 0
-        self._live_rids: set[str] = set()
         self.model_path = str(model_path)
+        self._vocab_size = int(json.loads((Path(self.model_path) / "config.json").read_text())["vocab_size"])
         self.on_cpu = not torch.cuda.is_available()
         kwargs = dict(model_path=self.model_path, dtype=dtype, max_total_tokens=max_total_tokens,
                       random_seed=seed, log_level=log_level, skip_tokenizer_init=False)
         if mem_fraction_static is not None:
             kwargs["mem_fraction_static"] = mem_fraction_static
         if self.on_cpu:
-            kwargs.update(device="cpu", attention_backend="torch_native", disable_cuda_graph=True)
+            # sleep_on_idle: an idle scheduler otherwise busy-polls a whole core, starving the trainer beside it.
+            kwargs.update(device="cpu", attention_backend="torch_native", disable_cuda_graph=True, sleep_on_idle=True)
         self._engine = _start_engine(kwargs, start_timeout_s)
 
     # ------------------------------------------------------------------ generation
@@ -66,12 +69,7 @@ class SGLangEngine:
         input_ids = [[int(t) for t in r["input_ids"]] for r in requests]
         params = [dict(r.get("sampling_params") or {}) for r in requests]
         with self._lock:
-            self._live_rids.update(rids)
-            try:
-                out = self._engine.generate(input_ids=input_ids, sampling_params=params, return_logprob=True,
-                                            rid=rids)
-            finally:
-                self._live_rids.difference_update(rids)
+            out = self._engine.generate(input_ids=input_ids, sampling_params=params, return_logprob=True, rid=rids)
             version = self._version
         results = []
         for o in out:
@@ -109,7 +107,9 @@ class SGLangEngine:
         scores = []
         for seq, p, o in zip(ids, prompt_lens, out):
             entries = o["meta_info"]["input_token_logprobs"][1:]
-            expected = seq[p:]
+            # SGLang 0.5.23 reports the id of the last vocabulary entry as 0 in input_token_logprobs (it clips ids
+            # >= vocab_size - 1 meant for image-token hashes); the logprob itself is computed for the real id.
+            expected = [t if t < self._vocab_size - 1 else 0 for t in seq[p:]]
             if [tok for _lp, tok, _txt in entries] != expected:
                 raise RuntimeError(f"SGLang input_token_logprobs do not line up with tokens {p}..{len(seq)} "
                                    "(logprob_start_len semantics changed? pinned sglang==0.5.23)")
@@ -120,7 +120,9 @@ class SGLangEngine:
         """Aborts one request (by rid) or, with no rid, every request; they finish with finish_reason "abort".
 
         Safe to call from another thread while generate() runs: the abort is handed to the engine's event loop
-        (the thread running generate) instead of touching its sockets from here."""
+        (the thread running generate) instead of touching its sockets from here. Weight updates wait for an
+        in-flight generate() to return, so a driver that wants fresh weights now calls abort() first. An abort
+        that arrives before SGLang has registered the request is dropped."""
         tm = self._engine.tokenizer_manager
         args = dict(abort_all=True) if rid is None else dict(rid=str(rid))
         loop = self._engine.loop

@@ -4,13 +4,12 @@ Engines are `rollout.engine.RolloutEngineActor` handles; each group goes to one 
 prefix is cached once."""
 from __future__ import annotations
 
-import asyncio
 import logging
 from dataclasses import dataclass
 
 import ray
 
-from rewards import RewardFn, RewardInput
+from rewards import RewardInput, RewardRunner
 from rollout.data import PromptRow
 from rollout.sample import Sample, SampleStatus
 
@@ -56,19 +55,11 @@ def generate_groups(engines: list, rows: list[PromptRow], prompt_ids: list[list[
     return samples
 
 
-async def _score_one(reward_fn: RewardFn, sample: Sample, fallback: float) -> None:
-    try:
-        result = await reward_fn(RewardInput(prompt=sample.prompt, response=sample.response_text,
-                                             label=sample.label, metadata=sample.metadata))
+def score_samples(samples: list[Sample], runner: RewardRunner) -> None:
+    """Fills `reward` and `reward_components`; a failing plugin costs a sample its score (the runner's fallback),
+    never the run."""
+    inputs = [RewardInput(prompt=s.prompt, response=s.response_text, label=s.label, metadata=s.metadata)
+              for s in samples]
+    ids = [f"{s.group_id}/{s.index_in_group} (row {s.metadata.get('row')})" for s in samples]
+    for sample, result in zip(samples, runner.score_many_sync(inputs, ids)):
         sample.reward, sample.reward_components = result.score, dict(result.components)
-    except Exception as exc:  # a faulty plugin costs one sample's score, never the run
-        log.error("reward failed for sample group %d/%d (row %s): %r; using fallback %s",
-                  sample.group_id, sample.index_in_group, sample.metadata.get("row"), exc, fallback)
-        sample.reward, sample.reward_components = fallback, {"reward_error": 1.0}
-
-
-def score_samples(samples: list[Sample], reward_fn: RewardFn, fallback: float = 0.0) -> None:
-    async def run() -> None:
-        await asyncio.gather(*(_score_one(reward_fn, s, fallback) for s in samples))
-
-    asyncio.run(run())

@@ -92,6 +92,7 @@ def test_platform_activation_and_class():
     assert platform.get_default_attention_backend() == "torch_native"
     assert platform.get_dispatch_key_name() == "native"
     assert not platform.is_pin_memory_available()
+    assert platform.get_device() == "cpu"  # a str: SGLang's default-device resolution calls .split(":") on it
     caps = platform.capabilities
     assert not (caps.supports_triton or caps.graph_capture or caps.piecewise_graph or caps.supports_pynccl)
 

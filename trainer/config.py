@@ -58,9 +58,26 @@ class TrainerConfig:
 
 
 @dataclass
-class RewardConfig:
-    name: str = "char_fraction"
+class RewardTermConfig:
+    name: str
+    weight: float = 1.0
     kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RewardConfig:
+    """One reward (`name`, `kwargs`) or a weighted sum (`combine`, which then replaces `name`)."""
+
+    name: str | None = "char_fraction"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    combine: list[RewardTermConfig] = field(default_factory=list)
+    timeout_s: float = 30.0
+    max_concurrency: int = 64
+    fallback_score: float = 0.0
+    cache_size: int = 0
+
+    def terms(self) -> list[RewardTermConfig]:
+        return list(self.combine) if self.combine else [RewardTermConfig(self.name or "", 1.0, dict(self.kwargs))]
 
 
 @dataclass
@@ -109,6 +126,11 @@ def _coerce(value: Any, annotation: Any, path: str) -> Any:
             except ConfigError as exc:
                 errors.append(str(exc))
         raise ConfigError(errors[0] if errors else f"{path}: bad value {value!r}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {type(value).__name__}")
+        (item_type,) = typing.get_args(annotation)
+        return [_coerce(v, item_type, f"{path}[{i}]") for i, v in enumerate(value)]
     if origin is dict or annotation is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__}")
@@ -167,11 +189,18 @@ def validate(cfg: RunConfig) -> RunConfig:
            f"must divide the model's {num_experts} experts, got {t.expert_parallel}")
     data_path = resolve_path(cfg.data.path)
     _check(data_path.is_file(), "data.path", f"no such file: {data_path}")
-    from rewards import load_reward
+    from rewards import RunnerSettings, load_reward
+    for i, term in enumerate(cfg.reward.terms()):
+        where = f"reward.combine[{i}]" if cfg.reward.combine else "reward"
+        try:
+            load_reward(term.name, term.kwargs)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"{where}.name: {exc}") from exc
     try:
-        load_reward(cfg.reward.name, cfg.reward.kwargs)
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"reward.name: {exc}") from exc
+        RunnerSettings(cfg.reward.timeout_s, cfg.reward.max_concurrency, cfg.reward.fallback_score,
+                       cfg.reward.cache_size)
+    except ValueError as exc:
+        raise ConfigError(f"reward.{exc}") from exc
     return cfg
 
 

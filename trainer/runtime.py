@@ -12,7 +12,7 @@ import torch
 
 from glm5_model.hf_checkpoint import ensure_checkpoint
 from glm5_model.tokenizer.build import stop_token_ids
-from rewards import load_reward
+from rewards import RewardRunner, RewardSpec, RunnerSettings
 from rollout.data import PromptSource, load_prompt_rows
 from rollout.engine import RolloutEngineActor
 from rollout.generation import SamplingSettings, generate_groups, score_samples
@@ -30,7 +30,9 @@ class Runtime:
                  data: PromptSource, wandb_run):
         self.cfg, self.checkpoint, self.engines, self.trainer = cfg, checkpoint, engines, trainer
         self.tokenizer, self.data, self.wandb_run = tokenizer, data, wandb_run
-        self.reward_fn = load_reward(cfg.reward.name, cfg.reward.kwargs)
+        r = cfg.reward
+        self.rewards = RewardRunner([RewardSpec(t.name, t.weight, t.kwargs) for t in r.terms()],
+                                    RunnerSettings(r.timeout_s, r.max_concurrency, r.fallback_score, r.cache_size))
         self.settings = SamplingSettings(cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p,
                                          tuple(stop_token_ids(tokenizer)))
         self.output_dir = resolve_path(cfg.output_dir)
@@ -65,7 +67,7 @@ class Runtime:
                                first_group_id=step * len(rows))
 
     def score(self, samples: list[Sample]) -> None:
-        score_samples(samples, self.reward_fn)
+        score_samples(samples, self.rewards)
 
     def train(self, samples: list[Sample]) -> dict[str, float]:
         rewards = torch.tensor([s.reward for s in samples], dtype=torch.float32)
@@ -84,11 +86,13 @@ class Runtime:
 
     @staticmethod
     def rollout_metrics(samples: list[Sample]) -> dict[str, float]:
-        rewards = [s.reward for s in samples]
-        lengths = [s.response_length for s in samples]
-        return {"rollout/raw_reward": statistics.fmean(rewards),
-                "rollout/response_len/mean": statistics.fmean(lengths),
-                "rollout/truncated_frac": statistics.fmean(s.status.value == "truncated" for s in samples)}
+        metrics = {"rollout/raw_reward": statistics.fmean(s.reward for s in samples),
+                   "rollout/response_len/mean": statistics.fmean(s.response_length for s in samples),
+                   "rollout/truncated_frac": statistics.fmean(s.status.value == "truncated" for s in samples)}
+        for key in sorted({k for s in samples for k in s.reward_components}):
+            values = [s.reward_components[key] for s in samples if key in s.reward_components]
+            metrics[f"reward/{key}"] = statistics.fmean(values)
+        return metrics
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         print(f"step {step + 1}/{self.cfg.trainer.num_steps} reward {metrics['rollout/raw_reward']:.4f} "
@@ -123,6 +127,7 @@ def _init_wandb(cfg: RunConfig):
     wandb_dir.mkdir(parents=True, exist_ok=True)
     run = wandb.init(project=cfg.logging.project, name=cfg.logging.run_name, mode=cfg.logging.wandb_mode,
                      dir=str(wandb_dir), config=dataclasses.asdict(cfg))
-    for axis in ("train", "rollout", "perf"):
-        run.define_metric(f"{axis}/*", step_metric="train/step" if axis != "rollout" else "rollout/step")
+    for axis in ("train", "rollout", "reward", "perf"):
+        run.define_metric(f"{axis}/*", step_metric="train/step" if axis == "train" or axis == "perf"
+                          else "rollout/step")
     return run

@@ -100,6 +100,9 @@ class SlipstreamCpuPlatform(CpuDeviceMixin, SRTPlatform):
         if server_args.max_total_tokens is None:
             server_args.max_total_tokens = DEFAULT_MAX_TOTAL_TOKENS
         server_args.disable_cuda_graph = True
+        # An idle scheduler otherwise busy-polls its sockets at 100% of a core (measured), which on a small CPU
+        # box starves the trainer and any other engine. With this it blocks on the sockets when it has no work.
+        server_args.sleep_on_idle = True
         try:
             from sglang.srt.model_executor.cuda_graph_config import Backend, Phase, with_phase
 

@@ -30,6 +30,9 @@ def test_quickstart_composes_and_validates():
     ("trainer.weight_sync=carrier_pigeon", "trainer.weight_sync"),
     ("model.preset=huge", "model.preset"),
     ("reward.name=no_such_reward", "reward.name"),
+    ("reward.timeout_s=0", "reward.timeout_s"),
+    ("+reward.combine=[{name: exact_match}, {name: bogus, weight: 2}]", "reward.combine[1].name"),
+    ("+reward.combine=[{name: exact_match, wieght: 2}]", "reward.combine[0].wieght"),
     ("data.path=/nonexistent.jsonl", "data.path"),
     ("+trainer.learning_rate=1e-3", "trainer.learning_rate"),
 ])
