@@ -23,6 +23,9 @@ MEGATRON_INTERNALS = [
     ("megatron.core.models.gpt.gpt_layer_specs", "get_gpt_decoder_block_spec"),
     ("megatron.core.transformer.torch_norm", "WrappedTorchNorm"),
     ("megatron.core.optimizer.clip_grads", "clip_grad_by_total_norm_fp32"),
+    ("megatron.core.transformer.experimental_attention_variant.dsa", "rotate_activation"),
+    ("megatron.core.transformer.experimental_attention_variant.dsa", "DSAIndexer"),
+    ("megatron.core.transformer.experimental_attention_variant.dsa", "DSAttention"),
 ]
 
 _installed = False
@@ -59,7 +62,17 @@ def install_cpu_compat() -> None:
 
     mla = importlib.import_module("megatron.core.transformer.multi_latent_attention")
     mla.HAVE_TE = False
+    _install_hadamard_fallback()
     _installed = True
+
+
+def _install_hadamard_fallback() -> None:
+    """DSA's indexer rotates q and k by a Hadamard transform through a CUDA-only, bf16-only kernel. The rotation
+    is orthogonal and applied to both, so the index scores q.k are unchanged without it (exactly, in exact
+    arithmetic): use the identity when the kernel is absent."""
+    dsa = importlib.import_module("megatron.core.transformer.experimental_attention_variant.dsa")
+    if getattr(dsa, "hadamard_transform", None) is None:
+        dsa.rotate_activation = lambda x: x
 
 
 def mla_core_attention_class():

@@ -11,8 +11,19 @@ from typing import Iterator
 
 import torch
 
+from glm5_model.dsa import indexer_rope_first, indexer_rope_last
+
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 _LOCAL_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(linear_fc1|linear_fc2)\.weight$")
+_INDEXER = "self_attention.core_attention.indexer."
+# Megatron indexer suffix -> (HF suffix, whether its rows carry the per-head [rope | rest] layout)
+_INDEXER_TENSORS = {
+    "linear_wq_b.weight": ("self_attn.indexer.wq_b.weight", True),
+    "linear_wk.weight": ("self_attn.indexer.wk.weight", True),
+    "k_norm.weight": ("self_attn.indexer.k_norm.weight", True),
+    "k_norm.bias": ("self_attn.indexer.k_norm.bias", True),
+    "linear_weights_proj.weight": ("self_attn.indexer.weights_proj.weight", False),
+}
 
 # Megatron suffix (inside decoder.layers.i) -> HF suffix (inside model.layers.i), for 1:1 tensors.
 _LAYER_ONE_TO_ONE = {
@@ -44,10 +55,23 @@ _GLOBAL = {
 
 @dataclass(frozen=True)
 class ExpertShard:
-    """Which experts this rank holds: global expert id = ep_rank * num_local + local id."""
+    """Which experts this rank holds (global expert id = ep_rank * num_local + local id), and the indexer head
+    sizes needed to move its rotary half between transformers' and Megatron's layouts."""
 
     ep_rank: int = 0
     num_local: int = 0
+    index_head_dim: int = 0
+    rope_dim: int = 0
+
+    @classmethod
+    def for_rank(cls, hf_config: dict, ep_rank: int = 0, ep_size: int = 1) -> "ExpertShard":
+        return cls(ep_rank, hf_config["n_routed_experts"] // ep_size, hf_config.get("index_head_dim", 0),
+                   hf_config.get("qk_rope_head_dim", 0))
+
+    def _check_indexer_dims(self, name: str) -> None:
+        if not (self.index_head_dim and self.rope_dim):
+            raise ValueError(f"{name}: converting indexer weights needs index_head_dim and rope_dim "
+                             "(use ExpertShard.for_rank(hf_config, ...))")
 
 
 def megatron_to_hf(name: str, tensor: torch.Tensor, shard: ExpertShard) -> list[tuple[str, torch.Tensor]]:
@@ -63,6 +87,12 @@ def megatron_to_hf(name: str, tensor: torch.Tensor, shard: ExpertShard) -> list[
     prefix = f"model.layers.{layer}."
     if rest in _LAYER_ONE_TO_ONE:
         return [(prefix + _LAYER_ONE_TO_ONE[rest], tensor)]
+    if rest.startswith(_INDEXER) and rest[len(_INDEXER):] in _INDEXER_TENSORS:
+        hf_suffix, permuted = _INDEXER_TENSORS[rest[len(_INDEXER):]]
+        if permuted:
+            shard._check_indexer_dims(name)
+            tensor = indexer_rope_first(tensor, shard.index_head_dim, shard.rope_dim)
+        return [(prefix + hf_suffix, tensor)]
     if rest in _LAYER_GATED_FC1:
         gate, up = tensor.chunk(2, dim=0)
         base = prefix + _LAYER_GATED_FC1[rest]
@@ -91,6 +121,13 @@ def hf_source(name: str, hf_state: dict[str, torch.Tensor], shard: ExpertShard) 
     prefix = f"model.layers.{layer}."
     if rest in _LAYER_ONE_TO_ONE:
         return _get(hf_state, prefix + _LAYER_ONE_TO_ONE[rest], name)
+    if rest.startswith(_INDEXER) and rest[len(_INDEXER):] in _INDEXER_TENSORS:
+        hf_suffix, permuted = _INDEXER_TENSORS[rest[len(_INDEXER):]]
+        tensor = _get(hf_state, prefix + hf_suffix, name)
+        if permuted:
+            shard._check_indexer_dims(name)
+            tensor = indexer_rope_last(tensor, shard.index_head_dim, shard.rope_dim)
+        return tensor
     if rest in _LAYER_GATED_FC1:
         base = prefix + _LAYER_GATED_FC1[rest]
         return torch.cat([_get(hf_state, f"{base}.gate_proj.weight", name),
@@ -121,9 +158,8 @@ def megatron_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor
 
 @torch.no_grad()
 def load_hf_into_megatron(model: torch.nn.Module, hf_state: dict[str, torch.Tensor], shard: ExpertShard) -> None:
-    """Copies HF weights into an (unwrapped) Megatron model; every Megatron tensor must be filled, shapes equal.
-
-    Indexer (DSA) weights are not used by the dense-MLA Megatron model and are left out on purpose."""
+    """Copies HF weights into an (unwrapped) Megatron model; every Megatron tensor must be filled, shapes equal,
+    and every HF tensor must land somewhere (experts of other expert-parallel ranks excepted)."""
     used: set[str] = set()
     for name, dst in megatron_tensors(model):
         src = hf_source(name, hf_state, shard)
@@ -131,6 +167,6 @@ def load_hf_into_megatron(model: torch.nn.Module, hf_state: dict[str, torch.Tens
             raise ValueError(f"{name}: HF shape {tuple(src.shape)} != Megatron shape {tuple(dst.shape)}")
         dst.copy_(src.to(dst.dtype))
         used.update(n for n, _ in megatron_to_hf(name, dst, shard))
-    unused = [n for n in hf_state if n not in used and ".indexer." not in n and ".experts." not in n]
+    unused = [n for n in hf_state if n not in used and ".experts." not in n]
     if unused:
         raise ValueError(f"HF tensors with no Megatron destination: {unused[:5]}")

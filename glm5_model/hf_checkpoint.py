@@ -18,12 +18,13 @@ from glm5_model.tokenizer.build import TINY_DIR as TINY_TOKENIZER_DIR
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
-def make_random_checkpoint(preset: str, out_dir: str | Path, seed: int = 0) -> Path:
-    """Writes a randomly initialised model of `preset` to `out_dir` (an HF-format checkpoint directory)."""
+def make_random_checkpoint(preset: str, out_dir: str | Path, seed: int = 0, overrides: dict | None = None) -> Path:
+    """Writes a randomly initialised model of `preset` (with config `overrides`) to `out_dir`, an HF-format
+    checkpoint directory."""
     from transformers import GlmMoeDsaConfig, GlmMoeDsaForCausalLM
 
     out_dir = Path(out_dir)
-    config_dict = preset_config(preset)
+    config_dict = {**preset_config(preset), **(overrides or {})}
     torch.manual_seed(seed)
     config = GlmMoeDsaConfig(**{k: v for k, v in config_dict.items() if k not in ("architectures", "model_type")})
     model = GlmMoeDsaForCausalLM(config).float()

@@ -41,6 +41,10 @@ def check_supported(hf: dict[str, Any]) -> None:
                          f"(supported: {list(_SUPPORTED_ROPE_TYPES)})")
     if hf.get("n_shared_experts", 1) != 1:
         raise ValueError(f"n_shared_experts: {hf['n_shared_experts']} is not supported (only 1)")
+    shared = [i for i, t in enumerate(hf.get("indexer_types") or []) if t != "full"]
+    if shared:
+        raise ValueError(f"indexer_types: layers {shared[:5]} reuse another layer's top-k ('shared'); "
+                         "only 'full' (every layer runs its own indexer) is supported")
 
 
 def moe_layer_pattern(hf: dict[str, Any]) -> list[int]:
@@ -94,6 +98,11 @@ def to_transformer_config(hf: dict[str, Any], layout: ParallelLayout = ParallelL
         moe_aux_loss_coeff=0.0,
         moe_token_dispatcher_type="allgather",
         moe_grouped_gemm=False,
+        experimental_attention_variant="dsa",
+        dsa_indexer_n_heads=hf["index_n_heads"],
+        dsa_indexer_head_dim=hf["index_head_dim"],
+        dsa_indexer_topk=hf["index_topk"],
+        dsa_indexer_loss_coeff=0.0,  # the indexer is frozen in RL (glm5_model/dsa.py)
         tensor_model_parallel_size=layout.tensor_parallel,
         expert_model_parallel_size=layout.expert_parallel,
         pipeline_model_parallel_size=layout.pipeline_parallel,

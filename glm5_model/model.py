@@ -1,8 +1,8 @@
-"""Builds GLM-5 as a Megatron-core GPTModel (MLA + first-k dense + sigmoid-routed MoE with a shared expert).
+"""Builds GLM-5 as a Megatron-core GPTModel: MLA with DeepSeek Sparse Attention (indexer + top-k selection),
+first-k dense layers, then sigmoid-routed MoE with a shared expert.
 
 Layer spec is chosen by where we run: local (non-TransformerEngine) modules on CPU, TransformerEngine modules
-when it is installed and a GPU is present. The DSA indexer is not built yet: with index_topk >= the context the
-selection keeps every token, so dense MLA computes exactly what GLM-5 computes (issue: glm5_model DSA).
+when it is installed and a GPU is present; the DSA core attention is Megatron's unfused one on both.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from glm5_model.compat import cuda_available, install_cpu_compat, mla_core_attention_class
+from glm5_model.dsa import dsa_core_attention_spec
 from glm5_model.megatron_config import ParallelLayout, to_transformer_config
 
 
@@ -38,15 +39,23 @@ class LatentRMSNorm:
 
 
 def build_layer_spec(config):
+    """The standard MLA decoder spec (first-k dense / MoE pattern from config.moe_layer_freq) with DSA as the core
+    attention. Built from a DSA-less copy of the config because Megatron's own DSA block spec is TE-only."""
+    import dataclasses
+
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
     te = use_transformer_engine()
-    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=te, normalization="RMSNorm")
-    if not te:
-        core_attention = mla_core_attention_class()
-        for layer in spec.layer_specs:
-            attn = layer.submodules.self_attention.submodules
-            attn.core_attention = core_attention
+    dense_config = dataclasses.replace(config, experimental_attention_variant=None)
+    spec = get_gpt_decoder_block_spec(dense_config, use_transformer_engine=te, normalization="RMSNorm")
+    use_dsa = config.experimental_attention_variant == "dsa"
+    for layer in spec.layer_specs:
+        attn = layer.submodules.self_attention.submodules
+        if use_dsa:
+            attn.core_attention = dsa_core_attention_spec()
+        elif not te:
+            attn.core_attention = mla_core_attention_class()
+        if not te:
             attn.q_layernorm = LatentRMSNorm
             attn.kv_layernorm = LatentRMSNorm
     return spec
@@ -58,11 +67,8 @@ def build_gpt_model(hf: dict[str, Any], layout: ParallelLayout = ParallelLayout(
     install_cpu_compat()
     from megatron.core.models.gpt import GPTModel
 
-    if hf.get("index_topk", 0) < _max_context(hf):
-        raise ValueError(f"index_topk: {hf.get('index_topk')} < max_position_embeddings {_max_context(hf)}; "
-                         "sparse DSA selection is not implemented in the Megatron model yet")
     config = to_transformer_config(hf, layout, params_dtype)
-    return GPTModel(
+    model = GPTModel(
         config=config,
         transformer_layer_spec=build_layer_spec(config),
         vocab_size=hf["vocab_size"],
@@ -72,3 +78,12 @@ def build_gpt_model(hf: dict[str, Any], layout: ParallelLayout = ParallelLayout(
         share_embeddings_and_output_weights=False,
         position_embedding_type="none",  # MLA applies its own rotary embedding inside attention
     )
+    freeze_indexer(model)
+    return model
+
+
+def freeze_indexer(model: torch.nn.Module) -> None:
+    """The DSA indexer does not train in RL (see glm5_model/dsa.py)."""
+    for name, param in model.named_parameters():
+        if ".indexer." in name:
+            param.requires_grad_(False)

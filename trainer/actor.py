@@ -5,6 +5,7 @@ its data-parallel share of the batch, and joins the collectives (gradient all-re
 weight gather for export)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -34,13 +35,12 @@ class TrainRank:
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
         self.hf_config = json.loads((Path(checkpoint_dir) / "config.json").read_text())
-        num_experts = self.hf_config["n_routed_experts"]
-        self.shard = ExpertShard(ps.get_expert_model_parallel_rank(), num_experts // self.layout.expert_parallel)
+        self.shard = ExpertShard.for_rank(self.hf_config, ps.get_expert_model_parallel_rank(),
+                                          self.layout.expert_parallel)
         model = build_gpt_model(self.hf_config, self.layout)
         hf_state = load_hf_state_dict(checkpoint_dir)
         load_hf_into_megatron(model, hf_state, self.shard)
-        # The dense-MLA Megatron model has no DSA indexer; its weights pass through unchanged on export.
-        self.passthrough = {k: v for k, v in hf_state.items() if ".indexer." in k}
+        del hf_state
         ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                    use_distributed_optimizer=False)
         self.model = DistributedDataParallel(model.config, ddp_config, model)
@@ -127,12 +127,11 @@ class TrainRank:
                 parts = [torch.empty_like(tensor) for _ in range(ep)]
                 dist.all_gather(parts, tensor.contiguous(), group=ps.get_expert_model_parallel_group())
                 for ep_rank, part in enumerate(parts):
-                    out.extend(megatron_to_hf(name, part, ExpertShard(ep_rank, self.shard.num_local)))
+                    out.extend(megatron_to_hf(name, part, dataclasses.replace(self.shard, ep_rank=ep_rank)))
             else:
                 out.extend(megatron_to_hf(name, tensor, self.shard))
         if self.rank != 0:
             return None
-        out.extend(self.passthrough.items())
         return [(n, t.detach().clone()) for n, t in out]
 
     def save_hf_checkpoint(self, path: str) -> str | None:

@@ -21,9 +21,40 @@ SPECIAL_TOKENS = [
 # Generation stops at any of these, as GLM's generation_config does.
 STOP_TOKENS = ["<|endoftext|>", "<|user|>", "<|observation|>"]
 
+# GLM-4.5/GLM-5 shape: tools are listed as JSON in a system block of their own, assistant tool calls are
+# <tool_call>name<arg_key>k</arg_key><arg_value>v</arg_value></tool_call> (string values raw, others as JSON), and
+# consecutive tool results share one <|observation|> header, each wrapped in <tool_response>. Plain role/content
+# messages render exactly as before (the prompt cache and tests depend on that).
 CHAT_TEMPLATE = (
     "[gMASK]<sop>"
-    "{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] }}{% endfor %}"
+    "{% if tools %}"
+    "{{ '<|system|>\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n'"
+    " + 'You are provided with function signatures within <tools></tools> XML tags:\\n<tools>\\n' }}"
+    "{% for tool in tools %}{{ tool | tojson(ensure_ascii=False) + '\\n' }}{% endfor %}"
+    "{{ '</tools>\\n\\nFor each function call, output the function name and arguments within the following XML '"
+    " + 'format:\\n<tool_call>{function-name}<arg_key>{arg-key-1}</arg_key><arg_value>{arg-value-1}</arg_value>'"
+    " + '...</tool_call>' }}"
+    "{% endif %}"
+    "{% for message in messages %}"
+    "{% set content = message['content'] if message['content'] is string else '' %}"
+    "{% if message['role'] == 'tool' %}"
+    "{% if loop.first or messages[loop.index0 - 1]['role'] != 'tool' %}{{ '<|observation|>' }}{% endif %}"
+    "{{ '\\n<tool_response>\\n' + content + '\\n</tool_response>' }}"
+    "{% else %}"
+    "{{ '<|' + message['role'] + '|>\\n' + content }}"
+    "{% if message['role'] == 'assistant' and message['tool_calls'] is defined and message['tool_calls'] %}"
+    "{% for call in message['tool_calls'] %}"
+    "{% set fn = call['function'] if call['function'] is defined else call %}"
+    "{{ '<tool_call>' + fn['name'] }}"
+    "{% if fn['arguments'] is mapping %}{% for key, value in fn['arguments'].items() %}"
+    "{{ '<arg_key>' + key + '</arg_key><arg_value>' }}"
+    "{{ value if value is string else value | tojson(ensure_ascii=False) }}{{ '</arg_value>' }}"
+    "{% endfor %}{% endif %}"
+    "{{ '</tool_call>' }}"
+    "{% endfor %}"
+    "{% endif %}"
+    "{% endif %}"
+    "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
 )
 
