@@ -24,6 +24,7 @@ MEGATRON_INTERNALS = [
     ("megatron.core.transformer.torch_norm", "WrappedTorchNorm"),
     ("megatron.core.optimizer.clip_grads", "clip_grad_by_total_norm_fp32"),
     ("megatron.core.transformer.experimental_attention_variant.dsa", "rotate_activation"),
+    ("megatron.core.post_training.modelopt.layers", "Linear"),
     ("megatron.core.transformer.experimental_attention_variant.dsa", "DSAIndexer"),
     ("megatron.core.transformer.experimental_attention_variant.dsa", "DSAttention"),
 ]

@@ -1,7 +1,8 @@
 """HF (transformers / SGLang) tensor names <-> Megatron-core GPTModel names for GLM-5, one tensor at a time.
 
-Supported layouts: tensor parallel 1, any expert parallel size (each rank holds a contiguous block of experts).
-Tensor-parallel and pipeline sharding come with the checkpoint-conversion issue.
+Layouts: expert parallel (each rank holds a contiguous block of experts) and tensor parallel (a Megatron
+parameter tagged `tensor_model_parallel` is split along its `partition_dim`; `partition_stride` 2 marks a gated
+fc1 whose gate and up halves are split separately, so each rank holds [gate_r; up_r]).
 """
 from __future__ import annotations
 
@@ -156,17 +157,56 @@ def megatron_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor
             yield name, buf
 
 
+@dataclass(frozen=True)
+class TPShard:
+    """This rank's place in the tensor-parallel groups (dense and expert)."""
+
+    rank: int = 0
+    size: int = 1
+    expert_rank: int = 0
+    expert_size: int = 1
+
+    def for_param(self, name: str) -> tuple[int, int]:
+        return (self.expert_rank, self.expert_size) if ".local_experts." in name else (self.rank, self.size)
+
+
+def tp_split(full: torch.Tensor, param: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+    """This rank's piece of a full tensor for a (possibly) tensor-parallel Megatron parameter."""
+    if size == 1 or full.shape == param.shape:
+        return full
+    dim, stride = getattr(param, "partition_dim", 0), getattr(param, "partition_stride", 1)
+    return torch.cat([part.chunk(size, dim)[rank] for part in full.chunk(stride, dim)], dim=dim)
+
+
+def tp_merge(parts: list[torch.Tensor], param: torch.Tensor) -> torch.Tensor:
+    """Inverse of `tp_split`: the full tensor from every rank's piece (in rank order)."""
+    dim, stride = getattr(param, "partition_dim", 0), getattr(param, "partition_stride", 1)
+    pieces = [p.chunk(stride, dim) for p in parts]
+    return torch.cat([torch.cat([pc[s] for pc in pieces], dim=dim) for s in range(stride)], dim=dim)
+
+
+def is_tp_sharded(param: torch.Tensor, size: int) -> bool:
+    return size > 1 and bool(getattr(param, "tensor_model_parallel", False))
+
+
 @torch.no_grad()
-def load_hf_into_megatron(model: torch.nn.Module, hf_state: dict[str, torch.Tensor], shard: ExpertShard) -> None:
+def load_hf_into_megatron(model: torch.nn.Module, hf_state: dict[str, torch.Tensor], shard: ExpertShard,
+                          tp: TPShard = TPShard()) -> set[str]:
     """Copies HF weights into an (unwrapped) Megatron model; every Megatron tensor must be filled, shapes equal,
-    and every HF tensor must land somewhere (experts of other expert-parallel ranks excepted)."""
+    and every HF tensor must land somewhere (experts of other expert-parallel ranks excepted). Returns the names
+    of the parameters that hold a tensor-parallel piece (the ones an export must gather)."""
     used: set[str] = set()
+    split: set[str] = set()
     for name, dst in megatron_tensors(model):
-        src = hf_source(name, hf_state, shard)
+        full = hf_source(name, hf_state, shard)
+        src = tp_split(full, dst, *tp.for_param(name)) if is_tp_sharded(dst, tp.for_param(name)[1]) else full
         if src.shape != dst.shape:
             raise ValueError(f"{name}: HF shape {tuple(src.shape)} != Megatron shape {tuple(dst.shape)}")
         dst.copy_(src.to(dst.dtype))
-        used.update(n for n, _ in megatron_to_hf(name, dst, shard))
+        if src is not full:
+            split.add(name)
+        used.update(n for n, _ in megatron_to_hf(name, full, shard))
     unused = [n for n in hf_state if n not in used and ".experts." not in n]
     if unused:
         raise ValueError(f"HF tensors with no Megatron destination: {unused[:5]}")
+    return split

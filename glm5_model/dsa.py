@@ -27,7 +27,8 @@ class ReplicatedLinear(torch.nn.Module):
                  skip_bias_add: bool = False, skip_weight_param_allocation: bool = False, parallel_mode=None,
                  **_unused):
         super().__init__()
-        device = "cpu" if getattr(config, "use_cpu_initialization", True) else torch.cuda.current_device()
+        # None keeps the ambient default device, so a build under `torch.device("meta")` allocates nothing.
+        device = None if getattr(config, "use_cpu_initialization", True) else torch.cuda.current_device()
         dtype = getattr(config, "params_dtype", torch.float32)
         self.weight = torch.nn.Parameter(torch.empty(output_size, input_size, device=device, dtype=dtype))
         if init_method is not None:

@@ -27,6 +27,15 @@ class ParallelLayout:
     expert_parallel: int = 1
     pipeline_parallel: int = 1
     sequence_parallel: bool = False
+    # Experts are tensor-parallel like the dense layers when not expert-parallel; with EP they stay whole
+    # (Megatron: expert TP x EP x PP must divide the world, so TP2 x EP2 on 2 ranks needs expert TP 1).
+    expert_tensor_parallel: int | None = None
+
+    @property
+    def expert_tp(self) -> int:
+        if self.expert_tensor_parallel is not None:
+            return self.expert_tensor_parallel
+        return self.tensor_parallel if self.expert_parallel == 1 else 1
 
 
 def check_supported(hf: dict[str, Any]) -> None:
@@ -105,6 +114,7 @@ def to_transformer_config(hf: dict[str, Any], layout: ParallelLayout = ParallelL
         dsa_indexer_loss_coeff=0.0,  # the indexer is frozen in RL (glm5_model/dsa.py)
         tensor_model_parallel_size=layout.tensor_parallel,
         expert_model_parallel_size=layout.expert_parallel,
+        expert_tensor_parallel_size=layout.expert_tp,
         pipeline_model_parallel_size=layout.pipeline_parallel,
         sequence_parallel=layout.sequence_parallel,
         params_dtype=params_dtype,

@@ -29,13 +29,27 @@ def _max_context(hf: dict[str, Any]) -> int:
 LATENT_NORM_EPS = 1e-6
 
 
-class LatentRMSNorm:
-    """RMSNorm for MLA's q/kv latents with GLM-5's fixed eps (a class, so Megatron's build_module calls it)."""
+class RMSNorm(torch.nn.RMSNorm):
+    """Local (non-TE) RMSNorm that also works with sequence parallelism: Megatron's torch-norm wrapper refuses
+    sequence_parallel, and the weight must carry the `sequence_parallel` tag so finalize_model_grads all-reduces
+    its gradient over tensor-parallel ranks (each rank normalises a different slice of the sequence)."""
 
-    def __new__(cls, config, hidden_size: int, eps: float = LATENT_NORM_EPS, **kwargs):
-        from megatron.core.transformer.torch_norm import WrappedTorchNorm
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_unused):
+        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
+        setattr(self.weight, "sequence_parallel", config.sequence_parallel)
 
-        return WrappedTorchNorm(config=config, hidden_size=hidden_size, eps=LATENT_NORM_EPS, **kwargs)
+
+class LatentRMSNorm(RMSNorm):
+    """RMSNorm for MLA's q/kv latents with GLM-5's fixed eps."""
+
+    def __init__(self, config, hidden_size: int, eps: float = LATENT_NORM_EPS, **kwargs):
+        super().__init__(config, hidden_size, eps=LATENT_NORM_EPS, **kwargs)
+
+
+def _duplicated_linear():
+    from megatron.core.post_training.modelopt.layers import Linear
+
+    return Linear
 
 
 def build_layer_spec(config):
@@ -46,6 +60,7 @@ def build_layer_spec(config):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
     te = use_transformer_engine()
+    DuplicatedLinear = None if te else _duplicated_linear()  # noqa: N806 - a class
     dense_config = dataclasses.replace(config, experimental_attention_variant=None)
     spec = get_gpt_decoder_block_spec(dense_config, use_transformer_engine=te, normalization="RMSNorm")
     use_dsa = config.experimental_attention_variant == "dsa"
@@ -56,8 +71,18 @@ def build_layer_spec(config):
         elif not te:
             attn.core_attention = mla_core_attention_class()
         if not te:
+            # Megatron's local MLA spec makes the down projections column-parallel; with tensor parallelism the
+            # gradient of the shared rotary key (k_pos_emb, sliced out of the gathered kv_down output) then misses
+            # the other ranks' heads (measured: grads off by ~0.5% at TP2). Its duplicated `Linear` keeps the
+            # projection whole and routes k_pos_emb through the sequence-parallel gather, whose backward sums.
+            attn.linear_q_down_proj = DuplicatedLinear
+            attn.linear_kv_down_proj = DuplicatedLinear
             attn.q_layernorm = LatentRMSNorm
             attn.kv_layernorm = LatentRMSNorm
+            layer.submodules.input_layernorm = RMSNorm
+            layer.submodules.pre_mlp_layernorm = RMSNorm
+    if not te:
+        spec.layer_norm = RMSNorm
     return spec
 
 

@@ -28,6 +28,7 @@ def init_parallel(rank: int, world_size: int, layout: ParallelLayout, master_add
             tensor_model_parallel_size=layout.tensor_parallel,
             pipeline_model_parallel_size=layout.pipeline_parallel,
             expert_model_parallel_size=layout.expert_parallel,
+            expert_tensor_parallel_size=layout.expert_tp,
         )
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)

@@ -15,7 +15,8 @@ import torch
 import torch.distributed as dist
 
 from glm5_model.compat import cpu_device_scope
-from glm5_model.convert import ExpertShard, load_hf_into_megatron, megatron_tensors, megatron_to_hf
+from glm5_model.convert import (ExpertShard, TPShard, load_hf_into_megatron, megatron_tensors, megatron_to_hf,
+                                tp_merge)
 from glm5_model.hf_checkpoint import load_hf_state_dict
 from glm5_model.megatron_config import ParallelLayout
 from glm5_model.model import build_gpt_model
@@ -28,7 +29,9 @@ class TrainRank:
     def __init__(self, rank: int, world_size: int, master_port: int, checkpoint_dir: str, cfg: dict[str, Any]):
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         self.rank, self.world_size, self.cfg = rank, world_size, cfg
-        self.layout = ParallelLayout(expert_parallel=cfg["expert_parallel"])
+        tp = cfg["tensor_parallel"]
+        self.layout = ParallelLayout(tensor_parallel=tp, expert_parallel=cfg["expert_parallel"],
+                                     sequence_parallel=cfg["sequence_parallel"] and tp > 1)
         init_parallel(rank, world_size, self.layout, master_port=master_port, seed=cfg["seed"])
         from megatron.core import parallel_state as ps
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -37,9 +40,11 @@ class TrainRank:
         self.hf_config = json.loads((Path(checkpoint_dir) / "config.json").read_text())
         self.shard = ExpertShard.for_rank(self.hf_config, ps.get_expert_model_parallel_rank(),
                                           self.layout.expert_parallel)
+        self.tp = TPShard(ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size(),
+                          ps.get_expert_tensor_parallel_rank(), ps.get_expert_tensor_parallel_world_size())
         model = build_gpt_model(self.hf_config, self.layout)
         hf_state = load_hf_state_dict(checkpoint_dir)
-        load_hf_into_megatron(model, hf_state, self.shard)
+        self.tp_split_names = load_hf_into_megatron(model, hf_state, self.shard, self.tp)
         del hf_state
         ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                    use_distributed_optimizer=False)
@@ -52,10 +57,13 @@ class TrainRank:
         with cpu_device_scope():
             self.optimizer = get_megatron_optimizer(opt_config, [self.model])
         self.dp_size = ps.get_data_parallel_world_size()
+        self.dp_rank = ps.get_data_parallel_rank()
 
     def ready(self) -> dict[str, Any]:
-        return {"rank": self.rank, "expert_shard": (self.shard.ep_rank, self.shard.num_local),
-                "dp_size": self.dp_size, "params": sum(p.numel() for p in self.model.parameters())}
+        """Where this rank sits: the group sends the same data to ranks with the same dp_rank."""
+        return {"rank": self.rank, "dp_rank": self.dp_rank, "dp_size": self.dp_size, "tp_rank": self.tp.rank,
+                "expert_shard": (self.shard.ep_rank, self.shard.num_local),
+                "params": sum(p.numel() for p in self.model.parameters())}
 
     def _token_logprobs(self, tokens: torch.Tensor) -> torch.Tensor:
         """log p(tokens[:, t+1] | tokens[:, :t+1]) for every t: [b, s-1]."""
@@ -123,6 +131,8 @@ class TrainRank:
         ep = self.layout.expert_parallel
         out: list[tuple[str, torch.Tensor]] = []
         for name, tensor in megatron_tensors(self.model.module):
+            if name in self.tp_split_names:
+                tensor = self._gather_tp(name, tensor)
             if ".local_experts." in name and ep > 1:
                 parts = [torch.empty_like(tensor) for _ in range(ep)]
                 dist.all_gather(parts, tensor.contiguous(), group=ps.get_expert_model_parallel_group())
@@ -133,6 +143,16 @@ class TrainRank:
         if self.rank != 0:
             return None
         return [(n, t.detach().clone()) for n, t in out]
+
+    def _gather_tp(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        from megatron.core import parallel_state as ps
+
+        expert = ".local_experts." in name
+        size = self.tp.expert_size if expert else self.tp.size
+        group = ps.get_expert_tensor_parallel_group() if expert else ps.get_tensor_model_parallel_group()
+        parts = [torch.empty_like(tensor) for _ in range(size)]
+        dist.all_gather(parts, tensor.contiguous(), group=group)
+        return tp_merge(parts, tensor)
 
     def save_hf_checkpoint(self, path: str) -> str | None:
         """Writes an HF-format checkpoint directory (collective; rank 0 writes)."""

@@ -37,9 +37,9 @@ class MicroBatch:
     real_rows: int                  # rows before padding
 
 
-def shard_items(items: list[TrainItem], world_size: int) -> list[list[TrainItem]]:
-    """Round-robin split, so long and short groups spread over ranks."""
-    return [items[r::world_size] for r in range(world_size)]
+def shard_items(items: list[TrainItem], dp_size: int) -> list[list[TrainItem]]:
+    """Round-robin split over data-parallel ranks, so long and short groups spread over ranks."""
+    return [items[r::dp_size] for r in range(dp_size)]
 
 
 @dataclass(frozen=True)
@@ -49,13 +49,15 @@ class BatchShape:
     seq_len: int    # padded sequence length
 
 
-def plan_shape(items: list[TrainItem], world_size: int, micro_batch_size: int) -> BatchShape:
-    """The shape every rank uses for this batch."""
+def plan_shape(items: list[TrainItem], dp_size: int, micro_batch_size: int, seq_multiple: int = 1) -> BatchShape:
+    """The shape every rank uses for this batch; the sequence length is padded to a multiple of `seq_multiple`
+    (the tensor-parallel size under sequence parallelism)."""
     if not items:
         raise ValueError("no samples to train on")
-    per_rank = math.ceil(len(items) / world_size)
+    per_rank = math.ceil(len(items) / dp_size)
     rows = min(micro_batch_size, per_rank)
-    return BatchShape(math.ceil(per_rank / rows), rows, max(len(it.tokens) for it in items))
+    seq_len = max(len(it.tokens) for it in items)
+    return BatchShape(math.ceil(per_rank / rows), rows, math.ceil(seq_len / seq_multiple) * seq_multiple)
 
 
 def make_micro_batches(items: list[TrainItem], shape: BatchShape, pad_id: int = 0) -> list[MicroBatch]:

@@ -42,6 +42,8 @@ class RolloutConfig:
 class TrainerConfig:
     num_steps: int = 3
     world_size: int = 1
+    tensor_parallel: int = 1
+    sequence_parallel: bool = True  # only takes effect with tensor_parallel > 1
     expert_parallel: int = 1
     lr: float = 1e-4
     weight_decay: float = 0.0
@@ -82,10 +84,26 @@ class RewardConfig:
 
 @dataclass
 class DataConfig:
-    path: str = "data/quickstart_prompts.jsonl"
-    messages_key: str = "messages"
-    label_key: str = "label"
+    """Prompt dataset; see rollout/data. Optional columns (label/task/tools) may be absent from a row; null keys
+    turn a column off. Structural checks run on every row, token-length checks on `validate_rows` of them."""
+    path: str = "data/quickstart_prompts.jsonl"   # file, directory (shards or save_to_disk), or a hub name
+    format: Literal["auto", "jsonl", "json", "parquet", "arrow", "hub"] = "auto"  # auto never means hub
+    split: str = "train"                 # split of a DatasetDict directory / hub dataset
+    messages_key: str = "messages"       # chat messages (list of {role, content, ...}) or a plain-string prompt
+    label_key: str | None = "label"
+    task_key: str | None = "task"        # task family
+    tools_key: str | None = "tools"      # list of tool schemas, or a JSON string of one
+    require_label: bool = False
+    system_prompt: str | None = None     # prepended to rows without a system message
+    shuffle: bool = True
     shuffle_seed: int = 0
+    epochs: int | None = None            # None: endless
+    eval_path: str | None = None         # separate eval source (same format and mapping) ...
+    eval_split: str | None = None        # ... or another split of `path` / `eval_path` ...
+    eval_fraction: float = 0.0           # ... or hold this fraction of train rows out, chosen by shuffle_seed
+    max_prompt_tokens: int | None = None
+    validate_rows: int | Literal["all"] = "all"
+    on_invalid: Literal["strict", "skip"] = "strict"
 
 
 @dataclass
@@ -171,6 +189,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         ("rollout.max_new_tokens", r.max_new_tokens), ("rollout.max_total_tokens", r.max_total_tokens),
         ("trainer.num_steps", t.num_steps), ("trainer.world_size", t.world_size),
         ("trainer.expert_parallel", t.expert_parallel), ("trainer.micro_batch_size", t.micro_batch_size),
+        ("trainer.tensor_parallel", t.tensor_parallel),
     ]:
         _check(value >= 1, path, f"must be >= 1, got {value}")
     _check(r.samples_per_prompt >= 2, "rollout.samples_per_prompt",
@@ -182,13 +201,41 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(t.clip_eps_high >= 0, "trainer.clip_eps_high", f"must be >= 0, got {t.clip_eps_high}")
     _check(t.world_size % t.expert_parallel == 0, "trainer.expert_parallel",
            f"must divide trainer.world_size ({t.world_size}), got {t.expert_parallel}")
+    _check(t.world_size % t.tensor_parallel == 0, "trainer.tensor_parallel",
+           f"must divide trainer.world_size ({t.world_size}), got {t.tensor_parallel}")
     from glm5_model.presets import PRESETS
     _check(cfg.model.preset in PRESETS, "model.preset", f"unknown preset {cfg.model.preset!r}; known: {sorted(PRESETS)}")
+    heads = PRESETS[cfg.model.preset]["num_attention_heads"]
+    _check(heads % t.tensor_parallel == 0, "trainer.tensor_parallel",
+           f"must divide the model's {heads} attention heads, got {t.tensor_parallel}")
     num_experts = PRESETS[cfg.model.preset]["n_routed_experts"]
     _check(num_experts % t.expert_parallel == 0, "trainer.expert_parallel",
            f"must divide the model's {num_experts} experts, got {t.expert_parallel}")
-    data_path = resolve_path(cfg.data.path)
-    _check(data_path.is_file(), "data.path", f"no such file: {data_path}")
+    d = cfg.data
+    from rollout.data import DataError, detect_format
+    for key in ("path", "eval_path"):
+        value = getattr(d, key)
+        if value is None or d.format == "hub":
+            continue
+        p = resolve_path(value)
+        _check(p.exists(), f"data.{key}", f"no such file or directory: {p}")
+        try:
+            fmt = detect_format(p, d.format)
+        except DataError as exc:
+            raise ConfigError(f"data.format: {exc}") from exc
+        _check(fmt != "arrow" or p.is_dir(), f"data.{key}", f"format 'arrow' (datasets.save_to_disk) needs a "
+               f"directory, got {p}")
+        _check(d.eval_split is None or key != "path" or d.eval_path is not None or fmt == "arrow",
+               "data.eval_split", f"splits exist only in datasets directories and hub datasets, not {fmt} files; "
+               "use data.eval_path or data.eval_fraction")
+    _check(bool(d.messages_key), "data.messages_key", "must name the prompt/messages field")
+    for key, value in (("epochs", d.epochs), ("max_prompt_tokens", d.max_prompt_tokens)):
+        _check(value is None or value >= 1, f"data.{key}", f"must be >= 1, got {value}")
+    _check(d.validate_rows == "all" or d.validate_rows >= 1, "data.validate_rows",
+           f"must be 'all' or >= 1, got {d.validate_rows}")
+    _check(0 <= d.eval_fraction < 1, "data.eval_fraction", f"must be in [0, 1), got {d.eval_fraction}")
+    _check(d.eval_fraction == 0 or (d.eval_path is None and d.eval_split is None), "data.eval_fraction",
+           "set either an eval source (data.eval_path / data.eval_split) or data.eval_fraction, not both")
     from rewards import RunnerSettings, load_reward
     for i, term in enumerate(cfg.reward.terms()):
         where = f"reward.combine[{i}]" if cfg.reward.combine else "reward"

@@ -25,19 +25,24 @@ class TrainerGroup:
             for rank in range(cfg.world_size)
         ]
         self.info = ray.get([r.ready.remote() for r in self.ranks])
+        self.dp_size = self.info[0]["dp_size"]
+        # Sequence parallelism splits each sequence over tensor-parallel ranks: pad lengths to a multiple.
+        self.seq_multiple = cfg.tensor_parallel if cfg.sequence_parallel and cfg.tensor_parallel > 1 else 1
 
     def _call(self, method: str, items: list[TrainItem], *extra) -> list[Any]:
-        shape = plan_shape(items, self.cfg.world_size, self.cfg.micro_batch_size)
-        shards = shard_items(items, self.cfg.world_size)
-        return ray.get([getattr(r, method).remote(shard, shape, *extra) for r, shard in zip(self.ranks, shards)])
+        """Every rank gets its data-parallel share (tensor-parallel peers get the same share)."""
+        shape = plan_shape(items, self.dp_size, self.cfg.micro_batch_size, self.seq_multiple)
+        shards = shard_items(items, self.dp_size)
+        return ray.get([getattr(r, method).remote(shards[info["dp_rank"]], shape, *extra)
+                        for r, info in zip(self.ranks, self.info)])
 
     def compute_logprobs(self, items: list[TrainItem]) -> list[list[float]]:
         """Response-token logprobs for each item, in the order given."""
         per_rank = self._call("compute_logprobs", items)
         out: list[list[float] | None] = [None] * len(items)
-        for rank, values in enumerate(per_rank):
+        for info, values in zip(self.info, per_rank):
             for j, v in enumerate(values):
-                out[rank + j * self.cfg.world_size] = v
+                out[info["dp_rank"] + j * self.dp_size] = v
         return out  # type: ignore[return-value]
 
     def train_step(self, items: list[TrainItem]) -> dict[str, float]:

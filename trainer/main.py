@@ -12,6 +12,7 @@ import time
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from rollout.data import DataError
 from trainer.config import REPO_ROOT, ConfigError, RunConfig, parse_config
 
 log = logging.getLogger("slipstream")
@@ -50,7 +51,11 @@ def main(hydra_cfg: DictConfig) -> None:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         sys.exit(2)
-    run(cfg)
+    try:
+        run(cfg)
+    except DataError as exc:  # bad rows in strict mode (before Ray starts), or a cursor that does not fit
+        print(f"data error: {exc}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

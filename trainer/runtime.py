@@ -13,7 +13,7 @@ import torch
 from glm5_model.hf_checkpoint import ensure_checkpoint
 from glm5_model.tokenizer.build import stop_token_ids
 from rewards import RewardRunner, RewardSpec, RunnerSettings
-from rollout.data import PromptSource, load_prompt_rows
+from rollout.data import PromptSource, load_data, make_source, render_prompt
 from rollout.engine import RolloutEngineActor
 from rollout.generation import SamplingSettings, generate_groups, score_samples
 from rollout.sample import Sample
@@ -42,8 +42,8 @@ class Runtime:
         from transformers import AutoTokenizer
 
         checkpoint = ensure_checkpoint(cfg.model.preset, resolve_path(cfg.model.checkpoint_dir), cfg.model.init_seed)
-        rows = load_prompt_rows(resolve_path(cfg.data.path), cfg.data.messages_key, cfg.data.label_key)
         tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
+        data = load_data(cfg.data, tokenizer)  # the validation pass: strict mode stops here, before Ray starts
         if not ray.is_initialized():
             needed = cfg.rollout.num_engines * cfg.rollout.engine_cpus + cfg.trainer.world_size * cfg.trainer.cpus_per_rank
             # Logical CPUs: actors mostly wait on each other, so we let them share the physical cores.
@@ -56,13 +56,11 @@ class Runtime:
         trainer = TrainerGroup(cfg.trainer, str(checkpoint))
         ray.get([e.weight_version.remote() for e in engines])  # engines are up
         wandb_run = _init_wandb(cfg)
-        return cls(cfg, checkpoint, engines, trainer, tokenizer, PromptSource(rows, cfg.data.shuffle_seed),
-                   wandb_run)
+        return cls(cfg, checkpoint, engines, trainer, tokenizer, make_source(cfg.data, data.train), wandb_run)
 
     def generate(self, step: int) -> list[Sample]:
         rows = self.data.next_batch(self.cfg.rollout.prompts_per_step)
-        prompt_ids = [self.tokenizer.apply_chat_template(r.messages, add_generation_prompt=True, tokenize=True,
-                                                         return_dict=False) for r in rows]
+        prompt_ids = [render_prompt(self.tokenizer, r) for r in rows]
         return generate_groups(self.engines, rows, prompt_ids, self.cfg.rollout.samples_per_prompt, self.settings,
                                first_group_id=step * len(rows))
 

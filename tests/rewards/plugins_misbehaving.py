@@ -56,7 +56,7 @@ def sync_reward(sample):
 async def blocks_loop(sample: RewardInput) -> RewardResult:
     import time
 
-    time.sleep(0.3)
+    time.sleep(1.0)
     return RewardResult(1.0)
 
 

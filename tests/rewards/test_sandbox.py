@@ -67,7 +67,10 @@ def test_infinite_loop_times_out(bystander):
     t0 = time.monotonic()
     result = score("def add(a, b):\n    while True:\n        pass\n")
     assert time.monotonic() - t0 < 10
-    assert result.score == 0.0 and result.components["timeouts"] == 2.0
+    # Each case is stopped by its wall-clock timeout or, on a loaded machine, first by the CPU-time limit.
+    statuses = [case["status"] for case in result.info["cases"]]
+    assert result.score == 0.0 and len(statuses) == 2, result.info
+    assert set(statuses) <= {"timeout", "crash"}, statuses
     assert_contained(result, bystander)
 
 

@@ -45,7 +45,7 @@ def _items():
 
 def test_micro_batches_have_equal_shapes_on_every_rank():
     items = _items()
-    shape = plan_shape(items, world_size=2, micro_batch_size=2)
+    shape = plan_shape(items, dp_size=2, micro_batch_size=2)
     per_rank = [make_micro_batches(shard, shape) for shard in shard_items(items, 2)]
     assert [len(b) for b in per_rank] == [shape.num_micro] * 2
     shapes = {tuple(mb.tokens.shape) for batches in per_rank for mb in batches}
@@ -64,3 +64,9 @@ def test_loss_mask_covers_exactly_the_response_targets():
 def test_bad_item_is_rejected():
     with pytest.raises(ValueError, match="2 response tokens but 1 logprobs"):
         TrainItem([1, 2, 3, 4], 2, 0.0, [-1.0])
+
+
+def test_sequence_parallel_pads_length_to_tp_multiple():
+    items = _items()  # longest has 7 tokens
+    assert plan_shape(items, 1, 8, seq_multiple=2).seq_len == 8
+    assert plan_shape(items, 1, 8, seq_multiple=1).seq_len == 7

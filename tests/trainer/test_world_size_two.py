@@ -4,6 +4,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import ray
 
 from trainer.batching import TrainItem
 from trainer.config import TrainerConfig
@@ -19,24 +20,40 @@ def _items(n=8, seed=0):
     return items
 
 
-def _step_then_logprobs(checkpoint, world_size, expert_parallel, items):
+def _step_then_logprobs(checkpoint, items, **layout):
     from trainer.group import TrainerGroup
 
-    group = TrainerGroup(TrainerConfig(world_size=world_size, expert_parallel=expert_parallel, lr=1e-3),
-                         str(checkpoint))
+    group = TrainerGroup(TrainerConfig(lr=1e-3, **layout), str(checkpoint))
     try:
         metrics = group.train_step(items)
-        return metrics, group.compute_logprobs(items)
+        return metrics, group.compute_logprobs(items), ray.get(group.export_weights())
     finally:
         group.shutdown()
 
 
-@pytest.mark.parametrize("expert_parallel", [1, 2])
-def test_world2_matches_world1(ray_session, tiny_checkpoint, expert_parallel):
+@pytest.fixture(scope="module")
+def world1_reference(ray_session, tiny_checkpoint):
+    return _step_then_logprobs(tiny_checkpoint, _items(), world_size=1)
+
+
+@pytest.mark.parametrize("layout", [
+    {"expert_parallel": 1, "tensor_parallel": 1},                             # DP2
+    {"expert_parallel": 2, "tensor_parallel": 1},                             # DP2 + EP2
+    {"expert_parallel": 1, "tensor_parallel": 2, "sequence_parallel": True},  # TP2 + SP
+    {"expert_parallel": 2, "tensor_parallel": 2, "sequence_parallel": True},  # TP2 + SP + EP2
+], ids=["dp2", "dp2-ep2", "tp2-sp", "tp2-sp-ep2"])
+def test_world2_matches_world1(world1_reference, tiny_checkpoint, layout):
     items = _items()
-    ref_metrics, ref = _step_then_logprobs(tiny_checkpoint, 1, 1, items)
-    metrics, got = _step_then_logprobs(tiny_checkpoint, 2, expert_parallel, items)
+    ref_metrics, ref, ref_weights = world1_reference
+    metrics, got, weights = _step_then_logprobs(tiny_checkpoint, items, world_size=2, **layout)
     assert metrics["train/grad_norm"] == pytest.approx(ref_metrics["train/grad_norm"], rel=1e-5)
     assert metrics["train/pg_loss"] == pytest.approx(ref_metrics["train/pg_loss"], rel=1e-5, abs=1e-7)
     worst = max(abs(a - b) for x, y in zip(got, ref) for a, b in zip(x, y))
-    assert worst <= 1e-5, f"post-step logprobs differ by {worst:.2e} between world 2 (EP{expert_parallel}) and 1"
+    assert worst <= 1e-5, f"post-step logprobs differ by {worst:.2e} between world 2 {layout} and world 1"
+    # The exported (gathered) weights after the step are the same full tensors.
+    ref_weights, weights = dict(ref_weights), dict(weights)
+    assert sorted(weights) == sorted(ref_weights)
+    # Adam divides by sqrt(v): for near-zero gradients a reduction-order difference in fp32 moves the update by a
+    # visible fraction of lr (1e-3); 1e-4 (a tenth of one step) is far below any real layout bug.
+    wdiff = max((weights[k] - ref_weights[k]).abs().max().item() for k in weights)
+    assert wdiff <= 1e-4, f"exported weights differ by {wdiff:.2e}"
