@@ -15,6 +15,8 @@ are loaded, exported and served unchanged.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 INDEXER_NORM_EPS = 1e-6
@@ -46,11 +48,31 @@ class IndexerLayerNorm(torch.nn.LayerNorm):
         super().__init__(hidden_size, eps=INDEXER_NORM_EPS, dtype=getattr(config, "params_dtype", torch.float32))
 
 
+@functools.lru_cache(maxsize=None)
+def _frozen_indexer_attention_class():
+    from megatron.core.transformer.experimental_attention_variant.dsa import DSAttention
+
+    class FrozenIndexerDSAttention(DSAttention):
+        """Megatron computes the indexer's KL loss on every training forward, even with coefficient 0, where it
+        only costs time (a full [b, heads, s, s] attention pass per layer). With the indexer frozen we skip it;
+        `training` is only read by that branch of DSAttention.forward."""
+
+        def forward(self, *args, **kwargs):
+            if self.training and not getattr(self.config, "dsa_indexer_loss_coeff", 0.0):
+                self.training = False
+                try:
+                    return super().forward(*args, **kwargs)
+                finally:
+                    self.training = True
+            return super().forward(*args, **kwargs)
+
+    return FrozenIndexerDSAttention
+
+
 def dsa_core_attention_spec():
     from megatron.core.transformer.experimental_attention_variant.dsa import (
         DSAIndexer,
         DSAIndexerSubmodules,
-        DSAttention,
         DSAttentionSubmodules,
     )
     from megatron.core.transformer.spec_utils import ModuleSpec
@@ -58,7 +80,7 @@ def dsa_core_attention_spec():
     indexer = ModuleSpec(module=DSAIndexer, submodules=DSAIndexerSubmodules(
         linear_wq_b=ReplicatedLinear, linear_wk=ReplicatedLinear, k_norm=IndexerLayerNorm,
         linear_weights_proj=ReplicatedLinear))
-    return ModuleSpec(module=DSAttention, submodules=DSAttentionSubmodules(indexer=indexer))
+    return ModuleSpec(module=_frozen_indexer_attention_class(), submodules=DSAttentionSubmodules(indexer=indexer))
 
 
 def indexer_rope_last(rows: torch.Tensor, head_dim: int, rope_dim: int) -> torch.Tensor:

@@ -10,6 +10,7 @@ On a machine without CUDA the engine runs on CPU through our out-of-tree SGLang 
 """
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -210,11 +211,13 @@ def _start_engine(kwargs: dict, timeout_s: float):
     threading.Thread(target=watchdog, name="sglang-start-watchdog", daemon=True).start()
     t0 = time.monotonic()
     what = f"SGLang engine for {kwargs['model_path']}"
+    contexts_before = _live_zmq_contexts()
     try:
         engine = sglang.Engine(**kwargs)
     except BaseException as exc:
         done.set()
         _kill_new_children(me, before)
+        _drop_zmq_contexts(_live_zmq_contexts() - contexts_before)
         if timed_out.is_set():
             raise EngineStartError(f"{what} did not start within {timeout_s:.0f}s (set "
                                    "SLIPSTREAM_ENGINE_START_TIMEOUT_S to change); its processes were killed") from exc
@@ -228,6 +231,25 @@ def _start_engine(kwargs: dict, timeout_s: float):
         raise EngineStartError(f"{what} did not start within {timeout_s:.0f}s")
     logger.info("%s ready in %.1fs", what, time.monotonic() - t0)
     return engine
+
+
+def _live_zmq_contexts() -> set:
+    import zmq
+
+    return {obj for obj in gc.get_objects() if isinstance(obj, zmq.Context) and not obj.closed}
+
+
+def _drop_zmq_contexts(contexts: set) -> None:
+    """Closes the ZMQ contexts a failed start left behind, discarding unsent messages.
+
+    Their sockets hold messages for the killed scheduler; with the default infinite linger, the context's
+    finalizer blocks forever in `term()` whenever the garbage collector reaches it -- which was the *next*
+    engine start in this process (seen: a test's engine fixture hung after the start-deadline test)."""
+    for ctx in contexts:
+        try:
+            ctx.destroy(linger=0)
+        except Exception:  # noqa: BLE001 - best effort on an already failing path
+            logger.exception("could not close a ZMQ context of the failed engine start")
 
 
 def _kill_new_children(me: psutil.Process, before: set[int]) -> None:

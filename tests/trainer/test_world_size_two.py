@@ -5,6 +5,7 @@ import random
 
 import pytest
 import ray
+import torch
 
 from trainer.batching import TrainItem
 from trainer.config import TrainerConfig
@@ -21,10 +22,17 @@ def _items(n=8, seed=0):
 
 
 def _step_then_logprobs(checkpoint, items, **layout):
+    from glm5_model.hf_checkpoint import load_hf_state_dict
     from trainer.group import TrainerGroup
 
     group = TrainerGroup(TrainerConfig(lr=1e-3, **layout), str(checkpoint))
     try:
+        # HF -> Megatron (this layout) -> HF is bit-exact before any training.
+        loaded = dict(ray.get(group.export_weights()))
+        original = load_hf_state_dict(checkpoint)
+        assert sorted(loaded) == sorted(original)
+        inexact = [k for k in original if not torch.equal(loaded[k], original[k])]
+        assert not inexact, f"round trip through {layout} changed {inexact[:5]}"
         metrics = group.train_step(items)
         return metrics, group.compute_logprobs(items), ray.get(group.export_weights())
     finally:
