@@ -170,19 +170,27 @@ class TPShard:
         return (self.expert_rank, self.expert_size) if ".local_experts." in name else (self.rank, self.size)
 
 
-def tp_split(full: torch.Tensor, param: torch.Tensor, rank: int, size: int) -> torch.Tensor:
-    """This rank's piece of a full tensor for a (possibly) tensor-parallel Megatron parameter."""
-    if size == 1 or full.shape == param.shape:
-        return full
-    dim, stride = getattr(param, "partition_dim", 0), getattr(param, "partition_stride", 1)
+def split_tp(full: torch.Tensor, dim: int, stride: int, rank: int, size: int) -> torch.Tensor:
+    """Rank `rank`'s piece: each of the `stride` parts along `dim` is split in `size`, and the rank's pieces are
+    concatenated (stride 2 = a gated fc1, whose gate and up halves are split separately)."""
     return torch.cat([part.chunk(size, dim)[rank] for part in full.chunk(stride, dim)], dim=dim)
 
 
-def tp_merge(parts: list[torch.Tensor], param: torch.Tensor) -> torch.Tensor:
-    """Inverse of `tp_split`: the full tensor from every rank's piece (in rank order)."""
-    dim, stride = getattr(param, "partition_dim", 0), getattr(param, "partition_stride", 1)
+def merge_tp(parts: list[torch.Tensor], dim: int, stride: int) -> torch.Tensor:
+    """Inverse of `split_tp`: the full tensor from every rank's piece (in rank order)."""
     pieces = [p.chunk(stride, dim) for p in parts]
     return torch.cat([torch.cat([pc[s] for pc in pieces], dim=dim) for s in range(stride)], dim=dim)
+
+
+def tp_split(full: torch.Tensor, param: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+    """This rank's piece of a full tensor for a live (possibly) tensor-parallel Megatron parameter."""
+    if size == 1 or full.shape == param.shape:
+        return full
+    return split_tp(full, getattr(param, "partition_dim", 0), getattr(param, "partition_stride", 1), rank, size)
+
+
+def tp_merge(parts: list[torch.Tensor], param: torch.Tensor) -> torch.Tensor:
+    return merge_tp(parts, getattr(param, "partition_dim", 0), getattr(param, "partition_stride", 1))
 
 
 def is_tp_sharded(param: torch.Tensor, size: int) -> bool:
@@ -210,3 +218,11 @@ def load_hf_into_megatron(model: torch.nn.Module, hf_state: dict[str, torch.Tens
     if unused:
         raise ValueError(f"HF tensors with no Megatron destination: {unused[:5]}")
     return split
+
+
+if __name__ == "__main__":
+    import sys
+
+    from glm5_model.checkpoint_layout import main
+
+    sys.exit(main())

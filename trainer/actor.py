@@ -144,6 +144,10 @@ class TrainRank:
             return None
         return [(n, t.detach().clone()) for n, t in out]
 
+    def local_tensors(self) -> dict[str, torch.Tensor]:
+        """This rank's own pieces, by Megatron name (what an offline per-rank checkpoint file holds)."""
+        return {n: t.detach().clone() for n, t in megatron_tensors(self.model.module)}
+
     def _gather_tp(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         from megatron.core import parallel_state as ps
 

@@ -33,10 +33,33 @@ def _step_then_logprobs(checkpoint, items, **layout):
         assert sorted(loaded) == sorted(original)
         inexact = [k for k in original if not torch.equal(loaded[k], original[k])]
         assert not inexact, f"round trip through {layout} changed {inexact[:5]}"
+        _check_offline_conversion_matches_live_ranks(group, checkpoint, layout)
         metrics = group.train_step(items)
         return metrics, group.compute_logprobs(items), ray.get(group.export_weights())
     finally:
         group.shutdown()
+
+
+def _check_offline_conversion_matches_live_ranks(group, checkpoint, layout):
+    """The offline converter's per-rank files hold exactly what each live rank loaded."""
+    import tempfile
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from glm5_model.checkpoint_layout import Layout, hf_to_megatron
+
+    meg = hf_to_megatron(checkpoint, Path(tempfile.mkdtemp()) / "meg",
+                         Layout(tp=layout.get("tensor_parallel", 1), ep=layout.get("expert_parallel", 1)),
+                         progress=False)
+    for rank, info in zip(group.ranks, group.info):
+        files = {}
+        for f in sorted((meg / f"mp_rank_{info['tp_rank']:02d}_000_{info['expert_shard'][0]:03d}").glob("*")):
+            files.update(load_file(str(f)))
+        live = ray.get(rank.local_tensors.remote())
+        assert sorted(files) == sorted(live), f"rank {info['rank']}: names differ"
+        differ = [n for n in live if not torch.equal(files[n], live[n])]
+        assert not differ, f"rank {info['rank']}: offline conversion differs from the live load in {differ[:3]}"
 
 
 @pytest.fixture(scope="module")
