@@ -14,12 +14,15 @@ from rewards.api import RewardFn
 
 _REGISTRY: dict[str, RewardFn] = {}
 _EXAMPLES: dict[str, list] = {}
+_BATCH_METRICS: dict[str, Any] = {}
 ENTRY_POINT_GROUP = "slipstream.rewards"
 
 
-def register_reward(name: str, examples: list | None = None):
+def register_reward(name: str, examples: list | None = None, batch_metrics=None):
     """Registers an async reward under `name`. `examples` (RewardInputs) are what `python -m rewards check`
-    runs the contract tests on; give at least one for a reward that needs labels."""
+    runs the contract tests on; give at least one for a reward that needs labels. `batch_metrics`, if given,
+    maps the component dicts of a batch to metrics that are not per-sample means (e.g. a hallucination rate,
+    a ratio of counts); runs log them as reward/<name>/<metric>."""
 
     def decorator(fn: RewardFn) -> RewardFn:
         if not inspect.iscoroutinefunction(fn):
@@ -29,6 +32,8 @@ def register_reward(name: str, examples: list | None = None):
         _REGISTRY[name] = fn
         if examples:
             _EXAMPLES[name] = list(examples)
+        if batch_metrics is not None:
+            _BATCH_METRICS[name] = batch_metrics
         return fn
 
     return decorator
@@ -37,6 +42,12 @@ def register_reward(name: str, examples: list | None = None):
 def registered_rewards() -> list[str]:
     _import_builtins()
     return sorted(_REGISTRY)
+
+
+def reward_batch_metrics(name: str):
+    """The reward's batch-metrics function, or None."""
+    _import_builtins()
+    return _BATCH_METRICS.get(name)
 
 
 def reward_examples(name: str) -> list:

@@ -12,7 +12,7 @@ import torch
 
 from glm5_model.hf_checkpoint import ensure_checkpoint
 from glm5_model.tokenizer.build import stop_token_ids
-from rewards import RewardRunner, RewardSpec, RunnerSettings
+from rewards import RewardRunner, RewardSpec, RunnerSettings, reward_batch_metrics
 from rollout.data import PromptSource, load_data, make_source, render_prompt
 from rollout.engine import RolloutEngineActor
 from rollout.generation import SamplingSettings, generate_groups, score_samples
@@ -82,14 +82,15 @@ class Runtime:
             ref = self.trainer.export_weights()
             ray.get([e.update_weights_from_tensors.remote(ref, version) for e in self.engines])
 
-    @staticmethod
-    def rollout_metrics(samples: list[Sample]) -> dict[str, float]:
+    def rollout_metrics(self, samples: list[Sample]) -> dict[str, float]:
         metrics = {"rollout/raw_reward": statistics.fmean(s.reward for s in samples),
                    "rollout/response_len/mean": statistics.fmean(s.response_length for s in samples),
                    "rollout/truncated_frac": statistics.fmean(s.status.value == "truncated" for s in samples)}
         for key in sorted({k for s in samples for k in s.reward_components}):
             values = [s.reward_components[key] for s in samples if key in s.reward_components]
             metrics[f"reward/{key}"] = statistics.fmean(values)
+        for term in self.cfg.reward.terms():
+            metrics.update(reward_batch_metrics_for(term.name, [s.reward_components for s in samples]))
         return metrics
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
@@ -114,6 +115,17 @@ class Runtime:
             if self.wandb_run is not None:
                 self.wandb_run.finish()
             ray.shutdown()
+
+
+def reward_batch_metrics_for(name: str, components: list[dict[str, float]]) -> dict[str, float]:
+    """reward/<name>/<metric> from the reward's own batch-metrics function (e.g. factuality's hallucination
+    rate), fed the components of that reward only (the runner prefixes them with '<name>/')."""
+    fn = reward_batch_metrics(name)
+    if fn is None:
+        return {}
+    prefix = f"{name}/"
+    own = [{k[len(prefix):]: v for k, v in c.items() if k.startswith(prefix)} for c in components]
+    return {f"reward/{name}/{k}": float(v) for k, v in fn(own).items()}
 
 
 def _init_wandb(cfg: RunConfig):

@@ -223,7 +223,7 @@ _EXAMPLE_Q = [{"role": "user", "content": "What is the capital of France?"}]
     RewardInput(_EXAMPLE_Q, "Lyon", "Paris"),
     RewardInput("Tell me about the Eiffel Tower.", "It is in Paris. It was completed in 1925.",
                 {"documents": ["The Eiffel Tower is in Paris. It was completed in 1889."]}),
-])
+], batch_metrics=lambda components: factuality_metrics(components))  # defined below; looked up per call
 async def factuality(sample: RewardInput, *, correct: float = 1.0, abstain: float = 0.0, incorrect: float = -1.0,
                      max_answer_words: int = 64, support_threshold: float = 0.6, min_claim_words: int = 2,
                      judge_url: str | None = None, judge_model: str | None = None,

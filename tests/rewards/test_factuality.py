@@ -254,3 +254,4 @@ def test_verdict_and_claim_parsing():
     assert parse_claim_labels("1: SUPPORTED\n2) **unsupported**\n[3] Not supported", 3) == [True, False, False]
     with pytest.raises(JudgeError, match=r"\[2\]"):
         parse_claim_labels("1: SUPPORTED", 2)
+
