@@ -38,7 +38,13 @@ def make_random_checkpoint(preset: str, out_dir: str | Path, seed: int = 0, over
                 buf.uniform_(-0.05, 0.05)
 
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp, safe_serialization=True)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # a run's stderr is for its own messages
+        try:
+            model.save_pretrained(tmp, safe_serialization=True)
+        finally:
+            hf_logging.enable_progress_bar()
         config = json.loads((tmp / "config.json").read_text())
         # transformers drops fields SGLang's DeepSeek-family model code reads; put them back.
         for key in ("moe_layer_freq", "topk_method", "scoring_func", "ep_size", "n_group", "topk_group"):

@@ -178,9 +178,10 @@ def test_trainer_cli_stops_on_bad_data_before_ray(tmp_path):
     bad.write_text('{"messages": "ok"}\n{"messages": 5}\n')
     proc = subprocess.run(
         [sys.executable, "-m", "trainer.main", "+experiment=quickstart", f"data.path={bad}",
-         "logging.wandb_mode=disabled", f"hydra.run.dir={tmp_path / 'hydra'}"],
+         "logging.wandb_mode=disabled", f"hydra.run.dir={tmp_path / 'hydra'}",
+         f"model.checkpoint_dir={tmp_path / 'ckpt'}"],  # a fresh checkpoint, as on a fresh clone
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert proc.stderr.startswith("data error: 1 problem(s)")
+    assert "data error: 1 problem(s)" in proc.stderr, proc.stderr[-2000:]
     assert f"{bad} line 2: messages: expected a list of chat messages or a string, got int" in proc.stderr
     assert "Started a local Ray instance" not in proc.stderr + proc.stdout
