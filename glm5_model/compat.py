@@ -52,6 +52,8 @@ def install_cpu_compat() -> None:
     torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()  # type: ignore[assignment]
     torch.cuda.set_rng_state = lambda state, device="cuda": torch.set_rng_state(state)  # type: ignore[assignment]
     torch.cuda.manual_seed = lambda seed: None  # type: ignore[assignment]  # the CPU seed is set by the caller
+    # Pipeline point-to-point code synchronises the CUDA stream after each exchange; CPU ops are synchronous.
+    torch.cuda.synchronize = lambda device=None: None  # type: ignore[assignment]
 
     random_mod = importlib.import_module("megatron.core.tensor_parallel.random")
     random_mod._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()

@@ -149,12 +149,31 @@ def _get(hf_state: dict[str, torch.Tensor], hf_name: str, for_name: str) -> torc
     return hf_state[hf_name]
 
 
-def megatron_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """Parameters and persistent buffers (the router's expert_bias is a buffer) of an unwrapped model."""
-    yield from model.named_parameters()
+def megatron_tensors(model: torch.nn.Module, layer_offset: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+    """Parameters and persistent buffers (the router's expert_bias is a buffer) of an unwrapped model. A pipeline
+    stage numbers its layers from 0; `layer_offset` (its first layer's global index) makes the names global."""
+    def rename(name: str) -> str:
+        m = _LAYER.match(name)
+        return f"decoder.layers.{int(m.group(1)) + layer_offset}.{m.group(2)}" if m and layer_offset else name
+
+    for name, param in model.named_parameters():
+        yield rename(name), param
     for name, buf in model.named_buffers():
         if name.endswith("expert_bias"):
-            yield name, buf
+            yield rename(name), buf
+
+
+_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def _stage_owns(hf_name: str, model: torch.nn.Module, layer_offset: int) -> bool:
+    """Whether this pipeline stage's model holds (a piece of) the HF tensor."""
+    m = _HF_LAYER.match(hf_name)
+    if m:
+        return layer_offset <= int(m.group(1)) < layer_offset + len(model.decoder.layers)
+    if hf_name == "model.embed_tokens.weight":
+        return getattr(model, "pre_process", True)
+    return getattr(model, "post_process", True)
 
 
 @dataclass(frozen=True)
@@ -199,13 +218,13 @@ def is_tp_sharded(param: torch.Tensor, size: int) -> bool:
 
 @torch.no_grad()
 def load_hf_into_megatron(model: torch.nn.Module, hf_state: dict[str, torch.Tensor], shard: ExpertShard,
-                          tp: TPShard = TPShard()) -> set[str]:
+                          tp: TPShard = TPShard(), layer_offset: int = 0) -> set[str]:
     """Copies HF weights into an (unwrapped) Megatron model; every Megatron tensor must be filled, shapes equal,
     and every HF tensor must land somewhere (experts of other expert-parallel ranks excepted). Returns the names
     of the parameters that hold a tensor-parallel piece (the ones an export must gather)."""
     used: set[str] = set()
     split: set[str] = set()
-    for name, dst in megatron_tensors(model):
+    for name, dst in megatron_tensors(model, layer_offset):
         full = hf_source(name, hf_state, shard)
         src = tp_split(full, dst, *tp.for_param(name)) if is_tp_sharded(dst, tp.for_param(name)[1]) else full
         if src.shape != dst.shape:
@@ -214,7 +233,8 @@ def load_hf_into_megatron(model: torch.nn.Module, hf_state: dict[str, torch.Tens
         if src is not full:
             split.add(name)
         used.update(n for n, _ in megatron_to_hf(name, full, shard))
-    unused = [n for n in hf_state if n not in used and ".experts." not in n]
+    # Experts of other expert-parallel ranks and tensors of other pipeline stages are someone else's.
+    unused = [n for n in hf_state if n not in used and ".experts." not in n and _stage_owns(n, model, layer_offset)]
     if unused:
         raise ValueError(f"HF tensors with no Megatron destination: {unused[:5]}")
     return split

@@ -118,6 +118,7 @@ def to_transformer_config(hf: dict[str, Any], layout: ParallelLayout = ParallelL
         pipeline_model_parallel_size=layout.pipeline_parallel,
         sequence_parallel=layout.sequence_parallel,
         params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,  # activations sent between pipeline stages
         bf16=params_dtype == torch.bfloat16,
         use_cpu_initialization=not torch.cuda.is_available(),
         bias_activation_fusion=False,

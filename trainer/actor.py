@@ -6,6 +6,7 @@ weight gather for export)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from pathlib import Path
@@ -31,6 +32,7 @@ class TrainRank:
         self.rank, self.world_size, self.cfg = rank, world_size, cfg
         tp = cfg["tensor_parallel"]
         self.layout = ParallelLayout(tensor_parallel=tp, expert_parallel=cfg["expert_parallel"],
+                                     pipeline_parallel=cfg["pipeline_parallel"],
                                      sequence_parallel=cfg["sequence_parallel"] and tp > 1)
         init_parallel(rank, world_size, self.layout, master_port=master_port, seed=cfg["seed"])
         from megatron.core import parallel_state as ps
@@ -42,9 +44,14 @@ class TrainRank:
                                           self.layout.expert_parallel)
         self.tp = TPShard(ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size(),
                           ps.get_expert_tensor_parallel_rank(), ps.get_expert_tensor_parallel_world_size())
-        model = build_gpt_model(self.hf_config, self.layout)
+        self.first_stage, self.last_stage = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
+        self.pp_rank = ps.get_pipeline_model_parallel_rank()
+        model = build_gpt_model(self.hf_config, self.layout, pre_process=self.first_stage,
+                                post_process=self.last_stage)
+        # Names are global (model.layers.<global index>) for conversion; a pipeline stage numbers its layers locally.
+        self.layer_offset = model.decoder.layers[0].layer_number - 1
         hf_state = load_hf_state_dict(checkpoint_dir)
-        self.tp_split_names = load_hf_into_megatron(model, hf_state, self.shard, self.tp)
+        self.tp_split_names = load_hf_into_megatron(model, hf_state, self.shard, self.tp, self.layer_offset)
         del hf_state
         ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                    use_distributed_optimizer=False)
@@ -62,63 +69,85 @@ class TrainRank:
     def ready(self) -> dict[str, Any]:
         """Where this rank sits: the group sends the same data to ranks with the same dp_rank."""
         return {"rank": self.rank, "dp_rank": self.dp_rank, "dp_size": self.dp_size, "tp_rank": self.tp.rank,
+                "last_stage": self.last_stage, "pp_rank": self.pp_rank,
                 "expert_shard": (self.shard.ep_rank, self.shard.num_local),
                 "params": sum(p.numel() for p in self.model.parameters())}
 
-    def _token_logprobs(self, tokens: torch.Tensor) -> torch.Tensor:
-        """log p(tokens[:, t+1] | tokens[:, :t+1]) for every t: [b, s-1]."""
+    @staticmethod
+    def _token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """log p(tokens[:, t+1] | tokens[:, :t+1]) for every t: [b, s-1], from [b, s, vocab / tp] logits."""
         from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-        position_ids, mask = causal_inputs(tokens)
-        logits = self.model(tokens, position_ids, mask)  # [b, s, vocab / tp]
-        targets = tokens[:, 1:]
-        return -vocab_parallel_cross_entropy(logits[:, :-1].float().contiguous(), targets)
-
-    @torch.no_grad()
-    def compute_logprobs(self, items: list[TrainItem], shape: BatchShape) -> list[list[float]]:
-        """Response-token logprobs under the current weights, one list per real item (in order)."""
-        self.model.eval()
-        out: list[list[float]] = []
-        for mb, chunk in self._batches(items, shape):
-            logprobs = self._token_logprobs(mb.tokens)
-            for i, it in enumerate(chunk):
-                out.append(logprobs[i, it.prompt_len - 1:len(it.tokens) - 1].tolist())
-        return out
+        return -vocab_parallel_cross_entropy(logits[:, :-1].float().contiguous(), tokens[:, 1:])
 
     def _batches(self, items: list[TrainItem], shape: BatchShape):
         batches = make_micro_batches(items, shape)
         for m, mb in enumerate(batches):
             yield mb, items[m * shape.rows:(m + 1) * shape.rows]
 
+    def _run_schedule(self, items: list[TrainItem], shape: BatchShape, loss_fn, forward_only: bool) -> list:
+        """Megatron's schedule (1F1B across pipeline stages, a plain loop without PP) over the micro-batches;
+        `loss_fn(micro_batch, items, logits)` runs on the last stage and returns (loss, per-micro-batch result)."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        batches = list(self._batches(items, shape))
+
+        def forward_step(data_iterator, model):
+            mb, chunk = next(data_iterator)
+            position_ids, mask = causal_inputs(mb.tokens)
+            return model(mb.tokens, position_ids, mask), functools.partial(loss_fn, mb, chunk)
+
+        with cpu_device_scope():  # the schedules allocate token counters with device="cuda"
+            return get_forward_backward_func()(
+                forward_step_func=forward_step, data_iterator=iter(batches), model=[self.model],
+                num_microbatches=len(batches), seq_length=shape.seq_len, micro_batch_size=shape.rows,
+                forward_only=forward_only)
+
+    @torch.no_grad()
+    def compute_logprobs(self, items: list[TrainItem], shape: BatchShape) -> list[list[float]] | None:
+        """Response-token logprobs under the current weights, one list per real item (in order); None on ranks
+        that are not the last pipeline stage."""
+        self.model.eval()
+
+        def loss_fn(mb, chunk, logits):
+            logprobs = self._token_logprobs(logits, mb.tokens)
+            rows = [logprobs[i, it.prompt_len - 1:len(it.tokens) - 1].tolist() for i, it in enumerate(chunk)]
+            return logprobs.sum() * 0.0, rows
+
+        per_micro = self._run_schedule(items, shape, loss_fn, forward_only=True)
+        return [row for rows in per_micro for row in rows] if self.last_stage else None
+
     def train_step(self, items: list[TrainItem], shape: BatchShape, global_tokens: int) -> dict[str, float]:
         """One optimizer step on this rank's share. Losses are normalised by the response-token count of the
         whole global batch and scaled by the data-parallel size, because Megatron's DDP averages gradients over
-        data-parallel ranks: the result is the token-level mean over the global batch."""
+        data-parallel ranks: the result is the token-level mean over the global batch. (Megatron's schedule
+        divides each micro-batch loss by the micro-batch count; the scale undoes that too.)"""
         from megatron.core.distributed import finalize_model_grads
 
         self.model.train()
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        sums = {"pg_loss": 0.0, "clipped": 0.0, "approx_kl": 0.0, "tokens": 0.0, "logprob_abs_diff": 0.0}
-        scale = self.dp_size / max(global_tokens, 1)
-        for mb, _ in self._batches(items, shape):
-            logprobs = self._token_logprobs(mb.tokens)
+        scale = self.dp_size * shape.num_micro / max(global_tokens, 1)
+
+        def loss_fn(mb, chunk, logits):
+            logprobs = self._token_logprobs(logits, mb.tokens)
             # One optimizer step per rollout batch: the proximal (old) policy is the current one, so the ratio is
             # 1 at the gradient and its clip only binds once several steps reuse a batch.
             old = logprobs.detach()
             terms = ppo_clip_loss(logprobs, old, mb.advantages, mb.loss_mask,
                                   self.cfg["clip_eps_low"], self.cfg["clip_eps_high"])
-            (terms.loss_sum * scale).backward()
-            sums["pg_loss"] += terms.loss_sum.item()
-            sums["clipped"] += terms.clipped_tokens.item()
-            sums["approx_kl"] += terms.approx_kl_sum.item()
-            sums["tokens"] += mb.loss_mask.sum().item()
-            sums["logprob_abs_diff"] += ((old - mb.rollout_logprobs).abs() * mb.loss_mask).sum().item()
+            stats = {"pg_loss": terms.loss_sum.item(), "clipped": terms.clipped_tokens.item(),
+                     "approx_kl": terms.approx_kl_sum.item(), "tokens": mb.loss_mask.sum().item(),
+                     "logprob_abs_diff": ((old - mb.rollout_logprobs).abs() * mb.loss_mask).sum().item()}
+            return terms.loss_sum * scale, stats
+
+        per_micro = self._run_schedule(items, shape, loss_fn, forward_only=False)
         finalize_model_grads([self.model])
         with cpu_device_scope():
             ok, grad_norm, _ = self.optimizer.step()
         if not ok:
             raise RuntimeError(f"rank {self.rank}: optimizer step failed (non-finite gradients?)")
+        sums = {k: sum(m[k] for m in per_micro) for k in per_micro[0]} if self.last_stage else {}
         sums["grad_norm"] = float(grad_norm)
         return sums
 
@@ -130,7 +159,7 @@ class TrainRank:
 
         ep = self.layout.expert_parallel
         out: list[tuple[str, torch.Tensor]] = []
-        for name, tensor in megatron_tensors(self.model.module):
+        for name, tensor in megatron_tensors(self.model.module, self.layer_offset):
             if name in self.tp_split_names:
                 tensor = self._gather_tp(name, tensor)
             if ".local_experts." in name and ep > 1:
@@ -140,9 +169,21 @@ class TrainRank:
                     out.extend(megatron_to_hf(name, part, dataclasses.replace(self.shard, ep_rank=ep_rank)))
             else:
                 out.extend(megatron_to_hf(name, tensor, self.shard))
+        if self.layout.pipeline_parallel > 1:
+            out = self._gather_pipeline_stages(out)
         if self.rank != 0:
             return None
         return [(n, t.detach().clone()) for n, t in out]
+
+    def _gather_pipeline_stages(self, out: list[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
+        """Every stage's tensors on the first stage (a collective over the pipeline group)."""
+        from megatron.core import parallel_state as ps
+
+        group = ps.get_pipeline_model_parallel_group()
+        first = dist.get_process_group_ranks(group)[0]
+        stages = [None] * dist.get_world_size(group) if self.rank == first else None
+        dist.gather_object(out, stages, dst=first, group=group)
+        return [pair for stage in stages for pair in stage] if stages is not None else out
 
     def local_tensors(self) -> dict[str, torch.Tensor]:
         """This rank's own pieces, by Megatron name (what an offline per-rank checkpoint file holds)."""

@@ -43,6 +43,7 @@ class TrainerConfig:
     num_steps: int = 3
     world_size: int = 1
     tensor_parallel: int = 1
+    pipeline_parallel: int = 1
     sequence_parallel: bool = True  # only takes effect with tensor_parallel > 1
     expert_parallel: int = 1
     lr: float = 1e-4
@@ -189,7 +190,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         ("rollout.max_new_tokens", r.max_new_tokens), ("rollout.max_total_tokens", r.max_total_tokens),
         ("trainer.num_steps", t.num_steps), ("trainer.world_size", t.world_size),
         ("trainer.expert_parallel", t.expert_parallel), ("trainer.micro_batch_size", t.micro_batch_size),
-        ("trainer.tensor_parallel", t.tensor_parallel),
+        ("trainer.tensor_parallel", t.tensor_parallel), ("trainer.pipeline_parallel", t.pipeline_parallel),
     ]:
         _check(value >= 1, path, f"must be >= 1, got {value}")
     _check(r.samples_per_prompt >= 2, "rollout.samples_per_prompt",
@@ -201,13 +202,17 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(t.clip_eps_high >= 0, "trainer.clip_eps_high", f"must be >= 0, got {t.clip_eps_high}")
     _check(t.world_size % t.expert_parallel == 0, "trainer.expert_parallel",
            f"must divide trainer.world_size ({t.world_size}), got {t.expert_parallel}")
-    _check(t.world_size % t.tensor_parallel == 0, "trainer.tensor_parallel",
-           f"must divide trainer.world_size ({t.world_size}), got {t.tensor_parallel}")
+    _check(t.world_size % (t.tensor_parallel * t.pipeline_parallel) == 0, "trainer.tensor_parallel",
+           f"tensor_parallel x pipeline_parallel ({t.tensor_parallel} x {t.pipeline_parallel}) must divide "
+           f"trainer.world_size ({t.world_size})")
     from glm5_model.presets import PRESETS
     _check(cfg.model.preset in PRESETS, "model.preset", f"unknown preset {cfg.model.preset!r}; known: {sorted(PRESETS)}")
     heads = PRESETS[cfg.model.preset]["num_attention_heads"]
     _check(heads % t.tensor_parallel == 0, "trainer.tensor_parallel",
            f"must divide the model's {heads} attention heads, got {t.tensor_parallel}")
+    layers = PRESETS[cfg.model.preset]["num_hidden_layers"]
+    _check(layers % t.pipeline_parallel == 0, "trainer.pipeline_parallel",
+           f"must divide the model's {layers} layers, got {t.pipeline_parallel}")
     num_experts = PRESETS[cfg.model.preset]["n_routed_experts"]
     _check(num_experts % t.expert_parallel == 0, "trainer.expert_parallel",
            f"must divide the model's {num_experts} experts, got {t.expert_parallel}")

@@ -41,6 +41,8 @@ class TrainerGroup:
         per_rank = self._call("compute_logprobs", items)
         out: list[list[float] | None] = [None] * len(items)
         for info, values in zip(self.info, per_rank):
+            if values is None or info["tp_rank"] != 0:  # not the last pipeline stage, or a tensor-parallel twin
+                continue
             for j, v in enumerate(values):
                 out[info["dp_rank"] + j * self.dp_size] = v
         return out  # type: ignore[return-value]
@@ -48,8 +50,10 @@ class TrainerGroup:
     def train_step(self, items: list[TrainItem]) -> dict[str, float]:
         global_tokens = sum(len(it.tokens) - it.prompt_len for it in items)
         per_rank = self._call("train_step", items, global_tokens)
-        total = {k: sum(r[k] for r in per_rank) for k in ("pg_loss", "clipped", "approx_kl", "tokens",
-                                                          "logprob_abs_diff")}
+        # Loss statistics exist on the last pipeline stage; tensor-parallel twins report the same numbers.
+        reporting = [r for r, info in zip(per_rank, self.info) if info["last_stage"] and info["tp_rank"] == 0]
+        total = {k: sum(r[k] for r in reporting) for k in ("pg_loss", "clipped", "approx_kl", "tokens",
+                                                           "logprob_abs_diff")}
         tokens = max(total["tokens"], 1.0)
         return {
             "train/pg_loss": total["pg_loss"] / tokens,

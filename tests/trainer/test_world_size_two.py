@@ -50,11 +50,12 @@ def _check_offline_conversion_matches_live_ranks(group, checkpoint, layout):
     from glm5_model.checkpoint_layout import Layout, hf_to_megatron
 
     meg = hf_to_megatron(checkpoint, Path(tempfile.mkdtemp()) / "meg",
-                         Layout(tp=layout.get("tensor_parallel", 1), ep=layout.get("expert_parallel", 1)),
-                         progress=False)
+                         Layout(tp=layout.get("tensor_parallel", 1), ep=layout.get("expert_parallel", 1),
+                                pp=layout.get("pipeline_parallel", 1)), progress=False)
     for rank, info in zip(group.ranks, group.info):
         files = {}
-        for f in sorted((meg / f"mp_rank_{info['tp_rank']:02d}_000_{info['expert_shard'][0]:03d}").glob("*")):
+        rank_dir = f"mp_rank_{info['tp_rank']:02d}_{info['pp_rank']:03d}_{info['expert_shard'][0]:03d}"
+        for f in sorted((meg / rank_dir).glob("*")):
             files.update(load_file(str(f)))
         live = ray.get(rank.local_tensors.remote())
         assert sorted(files) == sorted(live), f"rank {info['rank']}: names differ"
@@ -88,3 +89,27 @@ def test_world2_matches_world1(world1_reference, tiny_checkpoint, layout):
     # visible fraction of lr (1e-3); 1e-4 (a tenth of one step) is far below any real layout bug.
     wdiff = max((weights[k] - ref_weights[k]).abs().max().item() for k in weights)
     assert wdiff <= 1e-4, f"exported weights differ by {wdiff:.2e}"
+
+
+@pytest.fixture(scope="module")
+def four_layer_checkpoint(tmp_path_factory):
+    from glm5_model.hf_checkpoint import make_random_checkpoint
+
+    return make_random_checkpoint("tiny", tmp_path_factory.mktemp("pp") / "tiny4", seed=5,
+                                  overrides={"num_hidden_layers": 4})
+
+
+def test_pipeline_parallel_2_matches_world1(ray_session, four_layer_checkpoint):
+    """PP2 (layers 0-1 | 2-3, Megatron's 1F1B schedule over gloo point-to-point) takes world 1's step."""
+    items = _items()
+    ref_metrics, ref, ref_weights = _step_then_logprobs(four_layer_checkpoint, items, world_size=1)
+    metrics, got, weights = _step_then_logprobs(four_layer_checkpoint, items, world_size=2, pipeline_parallel=2,
+                                                micro_batch_size=2)
+    assert metrics["train/grad_norm"] == pytest.approx(ref_metrics["train/grad_norm"], rel=1e-5)
+    assert metrics["train/pg_loss"] == pytest.approx(ref_metrics["train/pg_loss"], rel=1e-5, abs=1e-7)
+    assert metrics["train/response_tokens"] == ref_metrics["train/response_tokens"]
+    worst = max(abs(a - b) for x, y in zip(got, ref) for a, b in zip(x, y))
+    assert worst <= 1e-5, f"post-step logprobs differ by {worst:.2e} between PP2 and world 1"
+    weights, ref_weights = dict(weights), dict(ref_weights)
+    assert sorted(weights) == sorted(ref_weights)
+    assert max((weights[k] - ref_weights[k]).abs().max().item() for k in weights) <= 1e-4
