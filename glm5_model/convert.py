@@ -27,21 +27,32 @@ _INDEXER_TENSORS = {
 }
 
 # Megatron suffix (inside decoder.layers.i) -> HF suffix (inside model.layers.i), for 1:1 tensors.
-_LAYER_ONE_TO_ONE = {
+_COMMON_ONE_TO_ONE = {
     "input_layernorm.weight": "input_layernorm.weight",
     "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
-    "self_attention.linear_q_down_proj.weight": "self_attn.q_a_proj.weight",
-    "self_attention.q_layernorm.weight": "self_attn.q_a_layernorm.weight",
-    "self_attention.linear_q_up_proj.weight": "self_attn.q_b_proj.weight",
-    "self_attention.linear_kv_down_proj.weight": "self_attn.kv_a_proj_with_mqa.weight",
-    "self_attention.kv_layernorm.weight": "self_attn.kv_a_layernorm.weight",
-    "self_attention.linear_kv_up_proj.weight": "self_attn.kv_b_proj.weight",
     "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
     "mlp.linear_fc2.weight": "mlp.down_proj.weight",
     "mlp.router.weight": "mlp.gate.weight",
     "mlp.router.expert_bias": "mlp.gate.e_score_correction_bias",
     "mlp.shared_experts.linear_fc2.weight": "mlp.shared_experts.down_proj.weight",
 }
+# GLM-5: multi-latent attention.
+_LAYER_ONE_TO_ONE = {
+    **_COMMON_ONE_TO_ONE,
+    "self_attention.linear_q_down_proj.weight": "self_attn.q_a_proj.weight",
+    "self_attention.q_layernorm.weight": "self_attn.q_a_layernorm.weight",
+    "self_attention.linear_q_up_proj.weight": "self_attn.q_b_proj.weight",
+    "self_attention.linear_kv_down_proj.weight": "self_attn.kv_a_proj_with_mqa.weight",
+    "self_attention.kv_layernorm.weight": "self_attn.kv_a_layernorm.weight",
+    "self_attention.linear_kv_up_proj.weight": "self_attn.kv_b_proj.weight",
+}
+# GLM-4.5: grouped-query attention with per-head q/k norms; q, k, v fuse into Megatron's linear_qkv.
+_GLM45_ONE_TO_ONE = {
+    **_COMMON_ONE_TO_ONE,
+    "self_attention.q_layernorm.weight": "self_attn.q_norm.weight",
+    "self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
+}
+_QKV = {"self_attention.linear_qkv.weight": "weight", "self_attention.linear_qkv.bias": "bias"}
 # Megatron's fc1 of a gated MLP is [gate; up] stacked on the output dim.
 _LAYER_GATED_FC1 = {
     "mlp.linear_fc1.weight": "mlp",
@@ -63,11 +74,37 @@ class ExpertShard:
     num_local: int = 0
     index_head_dim: int = 0
     rope_dim: int = 0
+    # GLM-4.5 (glm4_moe) attention layout, for fusing q/k/v; num_kv_heads 0 means GLM-5 (MLA).
+    num_heads: int = 0
+    num_kv_heads: int = 0
+    head_dim: int = 0
 
     @classmethod
     def for_rank(cls, hf_config: dict, ep_rank: int = 0, ep_size: int = 1) -> "ExpertShard":
+        glm45 = hf_config.get("model_type") == "glm4_moe"
+        heads = hf_config["num_attention_heads"]
         return cls(ep_rank, hf_config["n_routed_experts"] // ep_size, hf_config.get("index_head_dim", 0),
-                   hf_config.get("qk_rope_head_dim", 0))
+                   hf_config.get("qk_rope_head_dim", 0), heads if glm45 else 0,
+                   hf_config["num_key_value_heads"] if glm45 else 0,
+                   (hf_config.get("head_dim") or hf_config["hidden_size"] // heads) if glm45 else 0)
+
+    @property
+    def one_to_one(self) -> dict[str, str]:
+        return _GLM45_ONE_TO_ONE if self.num_kv_heads else _LAYER_ONE_TO_ONE
+
+    def fuse_qkv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Megatron's linear_qkv rows: per query group, that group's query heads, then its key, then its value."""
+        groups, hd = self.num_kv_heads, self.head_dim
+        parts = [q.reshape(groups, -1, *q.shape[1:]), k.reshape(groups, hd, *k.shape[1:]),
+                 v.reshape(groups, hd, *v.shape[1:])]
+        return torch.cat(parts, dim=1).reshape(-1, *q.shape[1:])
+
+    def split_qkv(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        groups, hd = self.num_kv_heads, self.head_dim
+        per_group = qkv.reshape(groups, -1, *qkv.shape[1:])
+        q_rows = per_group.shape[1] - 2 * hd
+        q, k, v = per_group.split([q_rows, hd, hd], dim=1)
+        return (q.reshape(-1, *qkv.shape[1:]), k.reshape(-1, *qkv.shape[1:]), v.reshape(-1, *qkv.shape[1:]))
 
     def _check_indexer_dims(self, name: str) -> None:
         if not (self.index_head_dim and self.rope_dim):
@@ -86,8 +123,12 @@ def megatron_to_hf(name: str, tensor: torch.Tensor, shard: ExpertShard) -> list[
         raise KeyError(f"no HF name for Megatron tensor {name!r}")
     layer, rest = m.group(1), m.group(2)
     prefix = f"model.layers.{layer}."
-    if rest in _LAYER_ONE_TO_ONE:
-        return [(prefix + _LAYER_ONE_TO_ONE[rest], tensor)]
+    if rest in shard.one_to_one:
+        return [(prefix + shard.one_to_one[rest], tensor)]
+    if rest in _QKV and shard.num_kv_heads:
+        kind = _QKV[rest]
+        q, k, v = shard.split_qkv(tensor)
+        return [(f"{prefix}self_attn.{p}_proj.{kind}", t) for p, t in (("q", q), ("k", k), ("v", v))]
     if rest.startswith(_INDEXER) and rest[len(_INDEXER):] in _INDEXER_TENSORS:
         hf_suffix, permuted = _INDEXER_TENSORS[rest[len(_INDEXER):]]
         if permuted:
@@ -120,8 +161,11 @@ def hf_source(name: str, hf_state: dict[str, torch.Tensor], shard: ExpertShard) 
         raise KeyError(f"no HF source for Megatron tensor {name!r}")
     layer, rest = m.group(1), m.group(2)
     prefix = f"model.layers.{layer}."
-    if rest in _LAYER_ONE_TO_ONE:
-        return _get(hf_state, prefix + _LAYER_ONE_TO_ONE[rest], name)
+    if rest in shard.one_to_one:
+        return _get(hf_state, prefix + shard.one_to_one[rest], name)
+    if rest in _QKV and shard.num_kv_heads:
+        kind = _QKV[rest]
+        return shard.fuse_qkv(*(_get(hf_state, f"{prefix}self_attn.{p}_proj.{kind}", name) for p in "qkv"))
     if rest.startswith(_INDEXER) and rest[len(_INDEXER):] in _INDEXER_TENSORS:
         hf_suffix, permuted = _INDEXER_TENSORS[rest[len(_INDEXER):]]
         tensor = _get(hf_state, prefix + hf_suffix, name)

@@ -21,13 +21,16 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
 def make_random_checkpoint(preset: str, out_dir: str | Path, seed: int = 0, overrides: dict | None = None) -> Path:
     """Writes a randomly initialised model of `preset` (with config `overrides`) to `out_dir`, an HF-format
     checkpoint directory."""
-    from transformers import GlmMoeDsaConfig, GlmMoeDsaForCausalLM
+    import transformers
 
     out_dir = Path(out_dir)
     config_dict = {**preset_config(preset), **(overrides or {})}
+    config_cls, model_cls = {"glm_moe_dsa": ("GlmMoeDsaConfig", "GlmMoeDsaForCausalLM"),
+                             "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM")}[config_dict["model_type"]]
     torch.manual_seed(seed)
-    config = GlmMoeDsaConfig(**{k: v for k, v in config_dict.items() if k not in ("architectures", "model_type")})
-    model = GlmMoeDsaForCausalLM(config).float()
+    config = getattr(transformers, config_cls)(
+        **{k: v for k, v in config_dict.items() if k not in ("architectures", "model_type")})
+    model = getattr(transformers, model_cls)(config).float()
     with torch.no_grad():
         # transformers starts the selection bias at zero; a random one makes tests see it used for selection only.
         for name, param in model.named_parameters():

@@ -13,7 +13,7 @@ import torch
 
 from glm5_model.compat import cuda_available, install_cpu_compat, mla_core_attention_class
 from glm5_model.dsa import dsa_core_attention_spec
-from glm5_model.megatron_config import ParallelLayout, to_transformer_config
+from glm5_model.megatron_config import ParallelLayout, is_glm45, rope_settings, to_transformer_config
 
 
 def use_transformer_engine() -> bool:
@@ -64,8 +64,15 @@ def build_layer_spec(config):
     dense_config = dataclasses.replace(config, experimental_attention_variant=None)
     spec = get_gpt_decoder_block_spec(dense_config, use_transformer_engine=te, normalization="RMSNorm")
     use_dsa = config.experimental_attention_variant == "dsa"
+    mla = getattr(config, "multi_latent_attention", False)
     for layer in spec.layer_specs:
         attn = layer.submodules.self_attention.submodules
+        if not mla:  # GLM-4.5: standard GQA attention; only the norms change (sequence-parallel-aware RMSNorm)
+            if not te:
+                attn.q_layernorm = attn.k_layernorm = RMSNorm
+                layer.submodules.input_layernorm = RMSNorm
+                layer.submodules.pre_mlp_layernorm = RMSNorm
+            continue
         if use_dsa:
             attn.core_attention = dsa_core_attention_spec()
         elif not te:
@@ -88,11 +95,14 @@ def build_layer_spec(config):
 
 def build_gpt_model(hf: dict[str, Any], layout: ParallelLayout = ParallelLayout(),
                     params_dtype: torch.dtype = torch.float32, pre_process: bool = True, post_process: bool = True):
-    """Megatron model for an HF GLM-5 config. Megatron's parallel state must already be initialised."""
+    """Megatron model for an HF GLM-5 (glm_moe_dsa) or GLM-4.5 (glm4_moe) config. Megatron's parallel state must
+    already be initialised."""
     install_cpu_compat()
     from megatron.core.models.gpt import GPTModel
 
     config = to_transformer_config(hf, layout, params_dtype)
+    # MLA (GLM-5) applies its own rotary embedding inside attention; GLM-4.5 uses the model-level one.
+    rope = rope_settings(hf) if is_glm45(hf) else {"position_embedding_type": "none"}
     model = GPTModel(
         config=config,
         transformer_layer_spec=build_layer_spec(config),
@@ -101,7 +111,7 @@ def build_gpt_model(hf: dict[str, Any], layout: ParallelLayout = ParallelLayout(
         pre_process=pre_process,
         post_process=post_process,
         share_embeddings_and_output_weights=False,
-        position_embedding_type="none",  # MLA applies its own rotary embedding inside attention
+        **rope,
     )
     freeze_indexer(model)
     return model
