@@ -71,7 +71,8 @@ def moe_layer_pattern(hf: dict[str, Any]) -> list[int]:
     return [1 if t == "sparse" else 0 for t in types]
 
 
-def _moe_and_parallel_fields(hf: dict[str, Any], layout: ParallelLayout, params_dtype: torch.dtype) -> dict:
+def _moe_and_parallel_fields(hf: dict[str, Any], layout: ParallelLayout, params_dtype: torch.dtype,
+                             bias_update_rate: float = 0.0) -> dict:
     """What GLM-5 and GLM-4.5 share: the sigmoid-routed MoE with a shared expert, SwiGLU, norms, parallelism."""
     return dict(
         num_layers=hf["num_hidden_layers"],
@@ -80,91 +81,6 @@ def _moe_and_parallel_fields(hf: dict[str, Any], layout: ParallelLayout, params_
         num_attention_heads=hf["num_attention_heads"],
         normalization="RMSNorm",
         layernorm_epsilon=hf.get("rms_norm_eps", 1e-5),
-        gated_linear_unit=True,
-        activation_func=torch.nn.functional.silu,
-        add_bias_linear=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        num_moe_experts=hf["n_routed_experts"],
-        moe_ffn_hidden_size=hf["moe_intermediate_size"],
-        moe_shared_expert_intermediate_size=hf["moe_intermediate_size"] * hf.get("n_shared_experts", 1),
-        moe_router_topk=hf["num_experts_per_tok"],
-        moe_layer_freq=moe_layer_pattern(hf),
-        moe_router_score_function="sigmoid",
-        moe_router_enable_expert_bias=True,
-        moe_router_bias_update_rate=0.0,
-        moe_router_topk_scaling_factor=hf.get("routed_scaling_factor", 1.0),
-        moe_router_dtype="fp32",
-        moe_router_load_balancing_type="none",
-        moe_aux_loss_coeff=0.0,
-        moe_token_dispatcher_type="allgather",
-        moe_grouped_gemm=False,
-        tensor_model_parallel_size=layout.tensor_parallel,
-        expert_model_parallel_size=layout.expert_parallel,
-        expert_tensor_parallel_size=layout.expert_tp,
-        pipeline_model_parallel_size=layout.pipeline_parallel,
-        sequence_parallel=layout.sequence_parallel,
-        params_dtype=params_dtype,
-        pipeline_dtype=params_dtype,
-        bf16=params_dtype == torch.bfloat16,
-        use_cpu_initialization=not torch.cuda.is_available(),
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
-    )
-
-
-def _glm45_transformer_config(hf: dict[str, Any], layout: ParallelLayout, params_dtype: torch.dtype):
-    """GLM-4.5: grouped-query attention with qkv bias and per-head q/k RMSNorm; rotary on part of each head."""
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    rope = hf.get("rope_parameters") or {}
-    if rope.get("rope_type", "default") != "default":
-        raise ValueError(f"rope_parameters.rope_type: {rope.get('rope_type')!r} is not supported for glm4_moe")
-    return TransformerConfig(
-        num_query_groups=hf["num_key_value_heads"],
-        kv_channels=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
-        add_qkv_bias=bool(hf.get("attention_bias", False)),
-        qk_layernorm=True,
-        **_moe_and_parallel_fields(hf, layout, params_dtype),
-    )
-
-
-def rope_settings(hf: dict[str, Any]) -> dict[str, Any]:
-    """GPTModel's own rotary arguments (GLM-4.5; GLM-5's MLA applies rope inside attention)."""
-    rope = hf.get("rope_parameters") or {}
-    return {"position_embedding_type": "rope", "rotary_percent": float(rope.get("partial_rotary_factor", 1.0)),
-            "rotary_base": int(rope.get("rope_theta", 10000.0))}
-
-
-def to_transformer_config(hf: dict[str, Any], layout: ParallelLayout = ParallelLayout(),
-                          params_dtype: torch.dtype = torch.float32):
-    from megatron.core.transformer.transformer_config import MLATransformerConfig
-
-    check_supported(hf)
-    if is_glm45(hf):
-        return _glm45_transformer_config(hf, layout, params_dtype)
-    if hf.get("attention_bias", False):
-        raise ValueError("attention_bias: True is not supported for glm_moe_dsa")
-    rope = hf.get("rope_parameters") or {}
-    return MLATransformerConfig(
-        num_layers=hf["num_hidden_layers"],
-        hidden_size=hf["hidden_size"],
-        ffn_hidden_size=hf["intermediate_size"],
-        num_attention_heads=hf["num_attention_heads"],
-        q_lora_rank=hf["q_lora_rank"],
-        kv_lora_rank=hf["kv_lora_rank"],
-        qk_head_dim=hf["qk_nope_head_dim"],
-        qk_pos_emb_head_dim=hf["qk_rope_head_dim"],
-        v_head_dim=hf["v_head_dim"],
-        qk_layernorm=True,
-        normalization="RMSNorm",
-        layernorm_epsilon=hf.get("rms_norm_eps", 1e-5),
-        rope_type="rope",
-        rotary_base=rope.get("rope_theta", 10000.0),
         gated_linear_unit=True,
         # With gated_linear_unit Megatron defaults to GeLU (GeGLU); GLM uses SwiGLU.
         activation_func=torch.nn.functional.silu,
@@ -178,19 +94,14 @@ def to_transformer_config(hf: dict[str, Any], layout: ParallelLayout = ParallelL
         moe_layer_freq=moe_layer_pattern(hf),
         moe_router_score_function="sigmoid",
         moe_router_enable_expert_bias=True,
-        # RL keeps the selection bias fixed; the aux-loss-free update is a pre-training mechanism.
-        moe_router_bias_update_rate=0.0,
+        # Auxiliary-loss-free balancing: after each step the selection bias moves toward under-used experts.
+        moe_router_bias_update_rate=bias_update_rate,
         moe_router_topk_scaling_factor=hf.get("routed_scaling_factor", 1.0),
         moe_router_dtype="fp32",
         moe_router_load_balancing_type="none",
         moe_aux_loss_coeff=0.0,
         moe_token_dispatcher_type="allgather",
         moe_grouped_gemm=False,
-        experimental_attention_variant="dsa",
-        dsa_indexer_n_heads=hf["index_n_heads"],
-        dsa_indexer_head_dim=hf["index_head_dim"],
-        dsa_indexer_topk=hf["index_topk"],
-        dsa_indexer_loss_coeff=0.0,  # the indexer is frozen in RL (glm5_model/dsa.py)
         tensor_model_parallel_size=layout.tensor_parallel,
         expert_model_parallel_size=layout.expert_parallel,
         expert_tensor_parallel_size=layout.expert_tp,
@@ -206,4 +117,58 @@ def to_transformer_config(hf: dict[str, Any], layout: ParallelLayout = ParallelL
         persist_layer_norm=False,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
+    )
+
+
+def _glm45_transformer_config(hf: dict[str, Any], layout: ParallelLayout, params_dtype: torch.dtype,
+                              bias_update_rate: float):
+    """GLM-4.5: grouped-query attention with qkv bias and per-head q/k RMSNorm; rotary on part of each head."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    rope = hf.get("rope_parameters") or {}
+    if rope.get("rope_type", "default") != "default":
+        raise ValueError(f"rope_parameters.rope_type: {rope.get('rope_type')!r} is not supported for glm4_moe")
+    return TransformerConfig(
+        num_query_groups=hf["num_key_value_heads"],
+        kv_channels=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
+        add_qkv_bias=bool(hf.get("attention_bias", False)),
+        qk_layernorm=True,
+        **_moe_and_parallel_fields(hf, layout, params_dtype, bias_update_rate),
+    )
+
+
+def rope_settings(hf: dict[str, Any]) -> dict[str, Any]:
+    """GPTModel's own rotary arguments (GLM-4.5; GLM-5's MLA applies rope inside attention)."""
+    rope = hf.get("rope_parameters") or {}
+    return {"position_embedding_type": "rope", "rotary_percent": float(rope.get("partial_rotary_factor", 1.0)),
+            "rotary_base": int(rope.get("rope_theta", 10000.0))}
+
+
+def to_transformer_config(hf: dict[str, Any], layout: ParallelLayout = ParallelLayout(),
+                          params_dtype: torch.dtype = torch.float32, bias_update_rate: float = 0.0):
+    """`bias_update_rate` > 0 turns on the auxiliary-loss-free expert-bias update (0 keeps the checkpoint's
+    selection bias fixed, the usual choice in RL)."""
+    from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+    check_supported(hf)
+    if is_glm45(hf):
+        return _glm45_transformer_config(hf, layout, params_dtype, bias_update_rate)
+    if hf.get("attention_bias", False):
+        raise ValueError("attention_bias: True is not supported for glm_moe_dsa")
+    rope = hf.get("rope_parameters") or {}
+    return MLATransformerConfig(
+        q_lora_rank=hf["q_lora_rank"],
+        kv_lora_rank=hf["kv_lora_rank"],
+        qk_head_dim=hf["qk_nope_head_dim"],
+        qk_pos_emb_head_dim=hf["qk_rope_head_dim"],
+        v_head_dim=hf["v_head_dim"],
+        qk_layernorm=True,
+        rope_type="rope",
+        rotary_base=rope.get("rope_theta", 10000.0),
+        experimental_attention_variant="dsa",
+        dsa_indexer_n_heads=hf["index_n_heads"],
+        dsa_indexer_head_dim=hf["index_head_dim"],
+        dsa_indexer_topk=hf["index_topk"],
+        dsa_indexer_loss_coeff=0.0,  # the indexer is frozen in RL (glm5_model/dsa.py)
+        **_moe_and_parallel_fields(hf, layout, params_dtype, bias_update_rate),
     )

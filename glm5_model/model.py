@@ -94,13 +94,14 @@ def build_layer_spec(config):
 
 
 def build_gpt_model(hf: dict[str, Any], layout: ParallelLayout = ParallelLayout(),
-                    params_dtype: torch.dtype = torch.float32, pre_process: bool = True, post_process: bool = True):
+                    params_dtype: torch.dtype = torch.float32, pre_process: bool = True, post_process: bool = True,
+                    bias_update_rate: float = 0.0):
     """Megatron model for an HF GLM-5 (glm_moe_dsa) or GLM-4.5 (glm4_moe) config. Megatron's parallel state must
     already be initialised."""
     install_cpu_compat()
     from megatron.core.models.gpt import GPTModel
 
-    config = to_transformer_config(hf, layout, params_dtype)
+    config = to_transformer_config(hf, layout, params_dtype, bias_update_rate)
     # MLA (GLM-5) applies its own rotary embedding inside attention; GLM-4.5 uses the model-level one.
     rope = rope_settings(hf) if is_glm45(hf) else {"position_embedding_type": "none"}
     model = GPTModel(

@@ -55,6 +55,8 @@ class TrainerConfig:
     clip_eps_low: float = 0.2
     clip_eps_high: float = 0.28
     advantage_eps: float = 1e-6
+    # Auxiliary-loss-free load balancing of the MoE router's selection bias; 0 keeps the checkpoint's bias.
+    moe_router_bias_update_rate: float = 0.0
     seed: int = 1234
     weight_sync: Literal["tensor", "disk"] = "tensor"
     cpus_per_rank: float = 1.0
@@ -198,6 +200,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(r.temperature > 0, "rollout.temperature", f"must be > 0, got {r.temperature}")
     _check(0 < r.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {r.top_p}")
     _check(t.lr > 0, "trainer.lr", f"must be > 0, got {t.lr}")
+    _check(t.moe_router_bias_update_rate >= 0, "trainer.moe_router_bias_update_rate",
+           f"must be >= 0, got {t.moe_router_bias_update_rate}")
     _check(0 <= t.clip_eps_low < 1, "trainer.clip_eps_low", f"must be in [0, 1), got {t.clip_eps_low}")
     _check(t.clip_eps_high >= 0, "trainer.clip_eps_high", f"must be >= 0, got {t.clip_eps_high}")
     _check(t.world_size % t.expert_parallel == 0, "trainer.expert_parallel",

@@ -113,3 +113,25 @@ def test_pipeline_parallel_2_matches_world1(ray_session, four_layer_checkpoint):
     weights, ref_weights = dict(weights), dict(ref_weights)
     assert sorted(weights) == sorted(ref_weights)
     assert max((weights[k] - ref_weights[k]).abs().max().item() for k in weights) <= 1e-4
+
+
+@pytest.mark.parametrize("rate", [0.0, 1e-2])
+def test_aux_loss_free_bias_update(ray_session, tiny_checkpoint, rate):
+    """With a bias update rate the router's selection bias moves after a step (toward balance); with 0 it stays
+    as the checkpoint has it, the default in RL."""
+    from glm5_model.hf_checkpoint import load_hf_state_dict
+    from trainer.group import TrainerGroup
+
+    group = TrainerGroup(TrainerConfig(lr=1e-3, moe_router_bias_update_rate=rate), str(tiny_checkpoint))
+    try:
+        group.train_step(_items())
+        after = dict(ray.get(group.export_weights()))
+    finally:
+        group.shutdown()
+    before = load_hf_state_dict(tiny_checkpoint)
+    bias = [k for k in before if k.endswith("e_score_correction_bias")]
+    moved = max((after[k] - before[k]).abs().max().item() for k in bias)
+    if rate == 0.0:
+        assert moved == 0.0
+    else:
+        assert moved == pytest.approx(rate, rel=1e-5)  # sign updates of exactly `rate` per step
