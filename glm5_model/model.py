@@ -16,8 +16,15 @@ from glm5_model.dsa import dsa_core_attention_spec
 from glm5_model.megatron_config import ParallelLayout, is_glm45, rope_settings, to_transformer_config
 
 
-def use_transformer_engine() -> bool:
-    return cuda_available() and importlib.util.find_spec("transformer_engine") is not None
+def use_transformer_engine(layer_spec: str = "auto") -> bool:
+    """`auto`: TransformerEngine when it is installed and a GPU is present, else local modules; `local` / `te`
+    force one (asking for `te` without CUDA and transformer_engine is an error, not a silent fallback)."""
+    available = cuda_available() and importlib.util.find_spec("transformer_engine") is not None
+    if layer_spec == "te" and not available:
+        raise ValueError("layer_spec: 'te' needs CUDA and the transformer_engine package")
+    if layer_spec not in ("auto", "local", "te"):
+        raise ValueError(f"layer_spec: {layer_spec!r} is not one of ['auto', 'local', 'te']")
+    return available if layer_spec == "auto" else layer_spec == "te"
 
 
 def _max_context(hf: dict[str, Any]) -> int:
@@ -52,14 +59,14 @@ def _duplicated_linear():
     return Linear
 
 
-def build_layer_spec(config):
+def build_layer_spec(config, layer_spec: str = "auto"):
     """The standard MLA decoder spec (first-k dense / MoE pattern from config.moe_layer_freq) with DSA as the core
     attention. Built from a DSA-less copy of the config because Megatron's own DSA block spec is TE-only."""
     import dataclasses
 
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
-    te = use_transformer_engine()
+    te = use_transformer_engine(layer_spec)
     DuplicatedLinear = None if te else _duplicated_linear()  # noqa: N806 - a class
     dense_config = dataclasses.replace(config, experimental_attention_variant=None)
     spec = get_gpt_decoder_block_spec(dense_config, use_transformer_engine=te, normalization="RMSNorm")
@@ -95,7 +102,7 @@ def build_layer_spec(config):
 
 def build_gpt_model(hf: dict[str, Any], layout: ParallelLayout = ParallelLayout(),
                     params_dtype: torch.dtype = torch.float32, pre_process: bool = True, post_process: bool = True,
-                    bias_update_rate: float = 0.0):
+                    bias_update_rate: float = 0.0, layer_spec: str = "auto"):
     """Megatron model for an HF GLM-5 (glm_moe_dsa) or GLM-4.5 (glm4_moe) config. Megatron's parallel state must
     already be initialised."""
     install_cpu_compat()
@@ -106,7 +113,7 @@ def build_gpt_model(hf: dict[str, Any], layout: ParallelLayout = ParallelLayout(
     rope = rope_settings(hf) if is_glm45(hf) else {"position_embedding_type": "none"}
     model = GPTModel(
         config=config,
-        transformer_layer_spec=build_layer_spec(config),
+        transformer_layer_spec=build_layer_spec(config, layer_spec),
         vocab_size=hf["vocab_size"],
         max_sequence_length=_max_context(hf),
         pre_process=pre_process,

@@ -47,7 +47,8 @@ class TrainRank:
         self.first_stage, self.last_stage = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
         self.pp_rank = ps.get_pipeline_model_parallel_rank()
         model = build_gpt_model(self.hf_config, self.layout, pre_process=self.first_stage,
-                                post_process=self.last_stage, bias_update_rate=cfg["moe_router_bias_update_rate"])
+                                post_process=self.last_stage, bias_update_rate=cfg["moe_router_bias_update_rate"],
+                                layer_spec=cfg.get("layer_spec", "auto"))
         # Names are global (model.layers.<global index>) for conversion; a pipeline stage numbers its layers locally.
         self.layer_offset = model.decoder.layers[0].layer_number - 1
         hf_state = load_hf_state_dict(checkpoint_dir)

@@ -23,6 +23,8 @@ class ModelConfig:
     checkpoint_dir: str = "outputs/checkpoints/tiny-init"
     init_seed: int = 1234
     dtype: Literal["float32", "bfloat16"] = "float32"
+    # Megatron layer modules: auto = TransformerEngine with a GPU and transformer_engine, else local (CPU).
+    layer_spec: Literal["auto", "local", "te"] = "auto"
 
 
 @dataclass
@@ -211,6 +213,11 @@ def validate(cfg: RunConfig) -> RunConfig:
            f"trainer.world_size ({t.world_size})")
     from glm5_model.presets import PRESETS
     _check(cfg.model.preset in PRESETS, "model.preset", f"unknown preset {cfg.model.preset!r}; known: {sorted(PRESETS)}")
+    from glm5_model.model import use_transformer_engine
+    try:
+        use_transformer_engine(cfg.model.layer_spec)
+    except ValueError as exc:
+        raise ConfigError(f"model.{exc}") from exc
     heads = PRESETS[cfg.model.preset]["num_attention_heads"]
     _check(heads % t.tensor_parallel == 0, "trainer.tensor_parallel",
            f"must divide the model's {heads} attention heads, got {t.tensor_parallel}")

@@ -15,10 +15,10 @@ TrainRankActor = ray.remote(TrainRank)
 
 
 class TrainerGroup:
-    def __init__(self, cfg: TrainerConfig, checkpoint_dir: str):
+    def __init__(self, cfg: TrainerConfig, checkpoint_dir: str, layer_spec: str = "auto"):
         self.cfg = cfg
         port = free_port()
-        rank_cfg = dataclasses.asdict(cfg)
+        rank_cfg = {**dataclasses.asdict(cfg), "layer_spec": layer_spec}
         self.ranks = [
             TrainRankActor.options(num_cpus=cfg.cpus_per_rank, name=None).remote(
                 rank, cfg.world_size, port, str(checkpoint_dir), rank_cfg)

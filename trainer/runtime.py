@@ -53,7 +53,7 @@ class Runtime:
                        str(checkpoint), dtype=cfg.model.dtype, max_total_tokens=cfg.rollout.max_total_tokens,
                        seed=cfg.trainer.seed + i, start_timeout_s=cfg.rollout.engine_start_timeout_s)
                    for i in range(cfg.rollout.num_engines)]
-        trainer = TrainerGroup(cfg.trainer, str(checkpoint))
+        trainer = TrainerGroup(cfg.trainer, str(checkpoint), layer_spec=cfg.model.layer_spec)
         ray.get([e.weight_version.remote() for e in engines])  # engines are up
         wandb_run = _init_wandb(cfg)
         return cls(cfg, checkpoint, engines, trainer, tokenizer, make_source(cfg.data, data.train), wandb_run)

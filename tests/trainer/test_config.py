@@ -29,6 +29,8 @@ def test_quickstart_composes_and_validates():
     ("trainer.expert_parallel=3", "trainer.expert_parallel"),
     ("trainer.weight_sync=carrier_pigeon", "trainer.weight_sync"),
     ("model.preset=huge", "model.preset"),
+    pytest.param("model.layer_spec=te", "model.layer_spec",
+                 marks=pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="valid where CUDA is")),
     ("reward.name=no_such_reward", "reward.name"),
     ("reward.timeout_s=0", "reward.timeout_s"),
     ("+reward.combine=[{name: exact_match}, {name: bogus, weight: 2}]", "reward.combine[1].name"),
