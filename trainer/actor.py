@@ -153,16 +153,20 @@ class TrainRank:
         return sums
 
     @torch.no_grad()
-    def export_hf_weights(self) -> list[tuple[str, torch.Tensor]] | None:
-        """Full HF-named weights, gathered across expert-parallel ranks. A collective: every rank must call it;
+    def export_hf_weights(self, grads: bool = False) -> list[tuple[str, torch.Tensor]] | None:
+        """Full HF-named weights (or, with `grads`, the last step's reduced gradients of the trained ones),
+        gathered across tensor-, expert- and pipeline-parallel ranks. A collective: every rank must call it;
         rank 0 returns the tensors, the others None."""
         from megatron.core import parallel_state as ps
 
         ep = self.layout.expert_parallel
         out: list[tuple[str, torch.Tensor]] = []
-        for name, tensor in megatron_tensors(self.model.module, self.layer_offset):
+        for name, param in megatron_tensors(self.model.module, self.layer_offset):
+            tensor = getattr(param, "main_grad", None) if grads else param
+            if tensor is None:  # no gradient: frozen (the indexer) or a buffer (the router's selection bias)
+                continue
             if name in self.tp_split_names:
-                tensor = self._gather_tp(name, tensor)
+                tensor = self._gather_tp(name, tensor, param)
             if ".local_experts." in name and ep > 1:
                 parts = [torch.empty_like(tensor) for _ in range(ep)]
                 dist.all_gather(parts, tensor.contiguous(), group=ps.get_expert_model_parallel_group())
@@ -190,7 +194,8 @@ class TrainRank:
         """This rank's own pieces, by Megatron name (what an offline per-rank checkpoint file holds)."""
         return {n: t.detach().clone() for n, t in megatron_tensors(self.model.module)}
 
-    def _gather_tp(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    def _gather_tp(self, name: str, tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+        """The full tensor from every tensor-parallel rank's piece; `param` carries the partition attributes."""
         from megatron.core import parallel_state as ps
 
         expert = ".local_experts." in name
@@ -198,7 +203,7 @@ class TrainRank:
         group = ps.get_expert_tensor_parallel_group() if expert else ps.get_tensor_model_parallel_group()
         parts = [torch.empty_like(tensor) for _ in range(size)]
         dist.all_gather(parts, tensor.contiguous(), group=group)
-        return tp_merge(parts, tensor)
+        return tp_merge(parts, param)
 
     def save_hf_checkpoint(self, path: str) -> str | None:
         """Writes an HF-format checkpoint directory (collective; rank 0 writes)."""

@@ -64,10 +64,11 @@ class TrainerGroup:
             "train/response_tokens": total["tokens"],
         }
 
-    def export_weights(self) -> ray.ObjectRef:
+    def export_weights(self, grads: bool = False) -> ray.ObjectRef:
         """A reference to rank 0's HF-named full weights (all ranks join the gather); engines resolve it
-        directly from the object store, so the tensors never pass through the driver."""
-        refs = [r.export_hf_weights.remote() for r in self.ranks]
+        directly from the object store, so the tensors never pass through the driver. With `grads`: the last
+        step's reduced gradients instead (for checks and debugging)."""
+        refs = [r.export_hf_weights.remote(grads) for r in self.ranks]
         ray.wait(refs, num_returns=len(refs))
         return refs[0]
 

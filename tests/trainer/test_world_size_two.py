@@ -35,6 +35,7 @@ def _step_then_logprobs(checkpoint, items, **layout):
         assert not inexact, f"round trip through {layout} changed {inexact[:5]}"
         _check_offline_conversion_matches_live_ranks(group, checkpoint, layout)
         metrics = group.train_step(items)
+        metrics["grads"] = dict(ray.get(group.export_weights(grads=True)))
         return metrics, group.compute_logprobs(items), ray.get(group.export_weights())
     finally:
         group.shutdown()
@@ -63,6 +64,17 @@ def _check_offline_conversion_matches_live_ranks(group, checkpoint, layout):
         assert not differ, f"rank {info['rank']}: offline conversion differs from the live load in {differ[:3]}"
 
 
+def _assert_same_gradients(grads, ref, layout):
+    """The reduced gradient of every trained tensor equals world 1's: max |diff| <= 1e-5 x the tensor's largest
+    gradient entry (fp32 reduction order differs between layouts; a layout bug is orders of magnitude larger,
+    e.g. the TP2 rotary-key bug moved gradients by 0.1-0.6%)."""
+    assert sorted(grads) == sorted(ref), f"{layout}: gradient names differ"
+    for name, g in grads.items():
+        scale = max(ref[name].abs().max().item(), 1e-12)
+        worst = (g - ref[name]).abs().max().item()
+        assert worst <= 1e-5 * scale, f"{layout}: gradient of {name} differs by {worst:.2e} (max {scale:.2e})"
+
+
 @pytest.fixture(scope="module")
 def world1_reference(ray_session, tiny_checkpoint):
     return _step_then_logprobs(tiny_checkpoint, _items(), world_size=1)
@@ -78,6 +90,7 @@ def test_world2_matches_world1(world1_reference, tiny_checkpoint, layout):
     items = _items()
     ref_metrics, ref, ref_weights = world1_reference
     metrics, got, weights = _step_then_logprobs(tiny_checkpoint, items, world_size=2, **layout)
+    _assert_same_gradients(metrics["grads"], ref_metrics["grads"], layout)
     assert metrics["train/grad_norm"] == pytest.approx(ref_metrics["train/grad_norm"], rel=1e-5)
     assert metrics["train/pg_loss"] == pytest.approx(ref_metrics["train/pg_loss"], rel=1e-5, abs=1e-7)
     worst = max(abs(a - b) for x, y in zip(got, ref) for a, b in zip(x, y))
@@ -105,6 +118,7 @@ def test_pipeline_parallel_2_matches_world1(ray_session, four_layer_checkpoint):
     ref_metrics, ref, ref_weights = _step_then_logprobs(four_layer_checkpoint, items, world_size=1)
     metrics, got, weights = _step_then_logprobs(four_layer_checkpoint, items, world_size=2, pipeline_parallel=2,
                                                 micro_batch_size=2)
+    _assert_same_gradients(metrics["grads"], ref_metrics["grads"], "PP2")
     assert metrics["train/grad_norm"] == pytest.approx(ref_metrics["train/grad_norm"], rel=1e-5)
     assert metrics["train/pg_loss"] == pytest.approx(ref_metrics["train/pg_loss"], rel=1e-5, abs=1e-7)
     assert metrics["train/response_tokens"] == ref_metrics["train/response_tokens"]
