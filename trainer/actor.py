@@ -22,7 +22,7 @@ from glm5_model.hf_checkpoint import load_hf_state_dict
 from glm5_model.megatron_config import ParallelLayout
 from glm5_model.model import build_gpt_model
 from glm5_model.parallel import causal_inputs, init_parallel
-from trainer.batching import BatchShape, MicroBatch, TrainItem, make_micro_batches
+from trainer.batching import BatchShape, TrainItem, make_micro_batches
 from trainer.losses import ppo_clip_loss
 
 

@@ -2,18 +2,13 @@
 values with an error that names the field, before Ray or any engine starts."""
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from rollout.config_schema import REPO_ROOT, ConfigError, build_dataclass, check as _check, resolve_path
+from rollout.data.config import DataConfig, validate_data_config
 
-
-class ConfigError(ValueError):
-    """A bad configuration value; the message starts with the dotted field name."""
+__all__ = ["REPO_ROOT", "ConfigError", "DataConfig", "RunConfig", "parse_config", "resolve_path", "validate"]
 
 
 @dataclass
@@ -88,30 +83,6 @@ class RewardConfig:
 
 
 @dataclass
-class DataConfig:
-    """Prompt dataset; see rollout/data. Optional columns (label/task/tools) may be absent from a row; null keys
-    turn a column off. Structural checks run on every row, token-length checks on `validate_rows` of them."""
-    path: str = "data/quickstart_prompts.jsonl"   # file, directory (shards or save_to_disk), or a hub name
-    format: Literal["auto", "jsonl", "json", "parquet", "arrow", "hub"] = "auto"  # auto never means hub
-    split: str = "train"                 # split of a DatasetDict directory / hub dataset
-    messages_key: str = "messages"       # chat messages (list of {role, content, ...}) or a plain-string prompt
-    label_key: str | None = "label"
-    task_key: str | None = "task"        # task family
-    tools_key: str | None = "tools"      # list of tool schemas, or a JSON string of one
-    require_label: bool = False
-    system_prompt: str | None = None     # prepended to rows without a system message
-    shuffle: bool = True
-    shuffle_seed: int = 0
-    epochs: int | None = None            # None: endless
-    eval_path: str | None = None         # separate eval source (same format and mapping) ...
-    eval_split: str | None = None        # ... or another split of `path` / `eval_path` ...
-    eval_fraction: float = 0.0           # ... or hold this fraction of train rows out, chosen by shuffle_seed
-    max_prompt_tokens: int | None = None
-    validate_rows: int | Literal["all"] = "all"
-    on_invalid: Literal["strict", "skip"] = "strict"
-
-
-@dataclass
 class LoggingConfig:
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
     project: str = "slipstream"
@@ -128,63 +99,6 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     output_dir: str = "outputs/run"
-
-
-def _coerce(value: Any, annotation: Any, path: str) -> Any:
-    origin = typing.get_origin(annotation)
-    if dataclasses.is_dataclass(annotation):
-        return _build(annotation, value, path)
-    if origin is Literal:
-        if value not in typing.get_args(annotation):
-            raise ConfigError(f"{path}: {value!r} is not one of {list(typing.get_args(annotation))}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(annotation)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, arg, path)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0] if errors else f"{path}: bad value {value!r}")
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{path}: expected a list, got {type(value).__name__}")
-        (item_type,) = typing.get_args(annotation)
-        return [_coerce(v, item_type, f"{path}[{i}]") for i, v in enumerate(value)]
-    if origin is dict or annotation is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__}")
-        return dict(value)
-    if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{path}: expected a number, got {value!r}")
-        return float(value)
-    if annotation in (int, str, bool):
-        if not isinstance(value, annotation) or (annotation is int and isinstance(value, bool)):
-            raise ConfigError(f"{path}: expected {annotation.__name__}, got {value!r}")
-        return value
-    return value
-
-
-def _build(cls: type, data: Any, path: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        where = f"{path}." if path else ""
-        raise ConfigError(f"{where}{unknown[0]}: unknown field (known: {sorted(names)})")
-    kwargs = {k: _coerce(v, hints[k], f"{path}.{k}" if path else k) for k, v in data.items()}
-    return cls(**kwargs)
-
-
-def _check(cond: bool, path: str, message: str) -> None:
-    if not cond:
-        raise ConfigError(f"{path}: {message}")
 
 
 def validate(cfg: RunConfig) -> RunConfig:
@@ -227,31 +141,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     num_experts = PRESETS[cfg.model.preset]["n_routed_experts"]
     _check(num_experts % t.expert_parallel == 0, "trainer.expert_parallel",
            f"must divide the model's {num_experts} experts, got {t.expert_parallel}")
-    d = cfg.data
-    from rollout.data import DataError, detect_format
-    for key in ("path", "eval_path"):
-        value = getattr(d, key)
-        if value is None or d.format == "hub":
-            continue
-        p = resolve_path(value)
-        _check(p.exists(), f"data.{key}", f"no such file or directory: {p}")
-        try:
-            fmt = detect_format(p, d.format)
-        except DataError as exc:
-            raise ConfigError(f"data.format: {exc}") from exc
-        _check(fmt != "arrow" or p.is_dir(), f"data.{key}", f"format 'arrow' (datasets.save_to_disk) needs a "
-               f"directory, got {p}")
-        _check(d.eval_split is None or key != "path" or d.eval_path is not None or fmt == "arrow",
-               "data.eval_split", f"splits exist only in datasets directories and hub datasets, not {fmt} files; "
-               "use data.eval_path or data.eval_fraction")
-    _check(bool(d.messages_key), "data.messages_key", "must name the prompt/messages field")
-    for key, value in (("epochs", d.epochs), ("max_prompt_tokens", d.max_prompt_tokens)):
-        _check(value is None or value >= 1, f"data.{key}", f"must be >= 1, got {value}")
-    _check(d.validate_rows == "all" or d.validate_rows >= 1, "data.validate_rows",
-           f"must be 'all' or >= 1, got {d.validate_rows}")
-    _check(0 <= d.eval_fraction < 1, "data.eval_fraction", f"must be in [0, 1), got {d.eval_fraction}")
-    _check(d.eval_fraction == 0 or (d.eval_path is None and d.eval_split is None), "data.eval_fraction",
-           "set either an eval source (data.eval_path / data.eval_split) or data.eval_fraction, not both")
+    validate_data_config(cfg.data)
     from rewards import RunnerSettings, load_reward
     for i, term in enumerate(cfg.reward.terms()):
         where = f"reward.combine[{i}]" if cfg.reward.combine else "reward"
@@ -267,11 +157,5 @@ def validate(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
-def resolve_path(path: str) -> Path:
-    """Relative paths in the config are relative to the repository, so runs behave the same from any cwd."""
-    p = Path(path)
-    return p if p.is_absolute() else REPO_ROOT / p
-
-
 def parse_config(data: dict) -> RunConfig:
-    return validate(_build(RunConfig, data, ""))
+    return validate(build_dataclass(RunConfig, data, ""))

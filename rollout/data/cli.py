@@ -10,22 +10,32 @@ import argparse
 import collections
 import statistics
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+from rollout.config_schema import REPO_ROOT, ConfigError, build_dataclass, resolve_path
+from rollout.data.config import DataConfig, validate_data_config
 from rollout.data.loader import LoadedData, load_data, make_source
 from rollout.data.render import render_prompt
 from rollout.data.rows import DataError
 
 
-def _compose(overrides: list[str]):
+@dataclass
+class _InspectConfig:
+    """The parts of the composed run config that inspecting data needs (the trainer validates the rest)."""
+
+    data: DataConfig
+    checkpoint_dir: str
+
+
+def _compose(overrides: list[str]) -> _InspectConfig:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from trainer.config import REPO_ROOT, parse_config
-
     with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base=None):
-        cfg = compose(config_name="config", overrides=overrides)
-    return parse_config(OmegaConf.to_container(cfg, resolve=True))
+        cfg = OmegaConf.to_container(compose(config_name="config", overrides=overrides), resolve=True)
+    data = validate_data_config(build_dataclass(DataConfig, cfg.get("data", {}), "data"))
+    return _InspectConfig(data, str(cfg.get("model", {}).get("checkpoint_dir", "")))
 
 
 def _tokenizer(cfg, explicit: str | None):
@@ -34,12 +44,11 @@ def _tokenizer(cfg, explicit: str | None):
     from transformers import AutoTokenizer
 
     from glm5_model.tokenizer.build import TINY_DIR
-    from trainer.config import resolve_path
 
     if explicit:
         path = Path(explicit)
     else:
-        ckpt = resolve_path(cfg.model.checkpoint_dir)
+        ckpt = resolve_path(cfg.checkpoint_dir)
         path = ckpt if (ckpt / "tokenizer_config.json").is_file() else TINY_DIR
     return AutoTokenizer.from_pretrained(str(path)), path
 
@@ -117,8 +126,6 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     from hydra.errors import HydraException
-
-    from trainer.config import ConfigError
 
     try:
         cfg = _compose(args.overrides)

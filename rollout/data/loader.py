@@ -20,7 +20,7 @@ from rollout.data.source import PromptSource
 from rollout.data.validate import ValidationReport, enforce, validate_records
 
 if TYPE_CHECKING:
-    from trainer.config import DataConfig
+    from rollout.data.config import DataConfig
 
 
 @dataclass
@@ -40,7 +40,7 @@ def resolve_source(path: str, fmt: str) -> str:
     """Hub names stay as they are; relative paths are relative to the repository, as everywhere in the config."""
     if fmt == "hub":
         return path
-    from trainer.config import resolve_path
+    from rollout.config_schema import resolve_path
 
     return str(resolve_path(path))
 

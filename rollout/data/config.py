@@ -1,0 +1,62 @@
+"""The dataset section of the run config (`data.*`) and its checks; trainer/config.py embeds it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from rollout.config_schema import ConfigError, check as _check, resolve_path
+
+
+@dataclass
+class DataConfig:
+    """Prompt dataset; see rollout/data. Optional columns (label/task/tools) may be absent from a row; null keys
+    turn a column off. Structural checks run on every row, token-length checks on `validate_rows` of them."""
+    path: str = "data/quickstart_prompts.jsonl"   # file, directory (shards or save_to_disk), or a hub name
+    format: Literal["auto", "jsonl", "json", "parquet", "arrow", "hub"] = "auto"  # auto never means hub
+    split: str = "train"                 # split of a DatasetDict directory / hub dataset
+    messages_key: str = "messages"       # chat messages (list of {role, content, ...}) or a plain-string prompt
+    label_key: str | None = "label"
+    task_key: str | None = "task"        # task family
+    tools_key: str | None = "tools"      # list of tool schemas, or a JSON string of one
+    require_label: bool = False
+    system_prompt: str | None = None     # prepended to rows without a system message
+    shuffle: bool = True
+    shuffle_seed: int = 0
+    epochs: int | None = None            # None: endless
+    eval_path: str | None = None         # separate eval source (same format and mapping) ...
+    eval_split: str | None = None        # ... or another split of `path` / `eval_path` ...
+    eval_fraction: float = 0.0           # ... or hold this fraction of train rows out, chosen by shuffle_seed
+    max_prompt_tokens: int | None = None
+    validate_rows: int | Literal["all"] = "all"
+    on_invalid: Literal["strict", "skip"] = "strict"
+
+
+def validate_data_config(d: DataConfig) -> DataConfig:
+    """Checks that need no tokenizer; errors name the field (data.<field>: ...)."""
+    from rollout.data.formats import detect_format
+    from rollout.data.rows import DataError
+
+    for key in ("path", "eval_path"):
+        value = getattr(d, key)
+        if value is None or d.format == "hub":
+            continue
+        p = resolve_path(value)
+        _check(p.exists(), f"data.{key}", f"no such file or directory: {p}")
+        try:
+            fmt = detect_format(p, d.format)
+        except DataError as exc:
+            raise ConfigError(f"data.format: {exc}") from exc
+        _check(fmt != "arrow" or p.is_dir(), f"data.{key}", f"format 'arrow' (datasets.save_to_disk) needs a "
+               f"directory, got {p}")
+        _check(d.eval_split is None or key != "path" or d.eval_path is not None or fmt == "arrow",
+               "data.eval_split", f"splits exist only in datasets directories and hub datasets, not {fmt} files; "
+               "use data.eval_path or data.eval_fraction")
+    _check(bool(d.messages_key), "data.messages_key", "must name the prompt/messages field")
+    for key, value in (("epochs", d.epochs), ("max_prompt_tokens", d.max_prompt_tokens)):
+        _check(value is None or value >= 1, f"data.{key}", f"must be >= 1, got {value}")
+    _check(d.validate_rows == "all" or d.validate_rows >= 1, "data.validate_rows",
+           f"must be 'all' or >= 1, got {d.validate_rows}")
+    _check(0 <= d.eval_fraction < 1, "data.eval_fraction", f"must be in [0, 1), got {d.eval_fraction}")
+    _check(d.eval_fraction == 0 or (d.eval_path is None and d.eval_split is None), "data.eval_fraction",
+           "set either an eval source (data.eval_path / data.eval_split) or data.eval_fraction, not both")
+    return d
