@@ -31,6 +31,8 @@ TP_SPLIT = {
     "self_attention.linear_q_up_proj.weight": (0, 1),
     "self_attention.linear_kv_up_proj.weight": (0, 1),
     "self_attention.linear_proj.weight": (1, 1),
+    "self_attention.linear_qkv.weight": (0, 1),  # GLM-4.5; rows are grouped per query group, so TP splits groups
+    "self_attention.linear_qkv.bias": (0, 1),
     "mlp.linear_fc1.weight": (0, 2),
     "mlp.linear_fc2.weight": (1, 1),
     "mlp.shared_experts.linear_fc1.weight": (0, 2),
@@ -60,6 +62,8 @@ class Layout:
                 raise ValueError(f"{flag}: must be >= 1, got {value}")
         if hf["num_attention_heads"] % self.tp:
             raise ValueError(f"--tp: {self.tp} does not divide num_attention_heads {hf['num_attention_heads']}")
+        if hf.get("model_type") == "glm4_moe" and hf["num_key_value_heads"] % self.tp:
+            raise ValueError(f"--tp: {self.tp} does not divide num_key_value_heads {hf['num_key_value_heads']}")
         if hf["n_routed_experts"] % self.ep:
             raise ValueError(f"--ep: {self.ep} does not divide n_routed_experts {hf['n_routed_experts']}")
         if hf["num_hidden_layers"] % self.pp:
@@ -79,13 +83,16 @@ def _split_spec(megatron_name: str) -> tuple[int, int] | None:
     return TP_SPLIT.get(m.group(2) if m else megatron_name)
 
 
-def _megatron_suffix(hf_rest: str) -> str:
+def _megatron_suffix(hf_rest: str, shard: ExpertShard) -> str:
     """Megatron suffix (inside decoder.layers.i) of an HF suffix (inside model.layers.i); experts excluded."""
     from glm5_model import convert as c
 
-    inverse = {v: k for k, v in c._LAYER_ONE_TO_ONE.items()}
+    inverse = {v: k for k, v in shard.one_to_one.items()}
     if hf_rest in inverse:
         return inverse[hf_rest]
+    for meg, kind in c._QKV.items():  # GLM-4.5: q/k/v fuse into linear_qkv
+        if shard.num_kv_heads and hf_rest in (f"self_attn.{p}_proj.{kind}" for p in "qkv"):
+            return meg
     for meg, (hf_suffix, _) in c._INDEXER_TENSORS.items():
         if hf_rest == hf_suffix:
             return c._INDEXER + meg
@@ -108,7 +115,7 @@ def _layer_tensors(hf_layer: dict[str, torch.Tensor], layer: int, shard: ExpertS
             local = f"decoder.layers.{layer}.mlp.experts.local_experts.{expert % shard.num_local}.{fc}.weight"
             names[local + f"@{expert // shard.num_local}"] = expert // shard.num_local
         else:
-            names[f"decoder.layers.{layer}.{_megatron_suffix(rest)}"] = -1
+            names[f"decoder.layers.{layer}.{_megatron_suffix(rest, shard)}"] = -1
     out = []
     for key, ep_rank in names.items():
         name = key.split("@")[0]
