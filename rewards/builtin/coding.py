@@ -214,7 +214,9 @@ async def coding(
     program = builder(code, tests, entry, float(timeout_s))
     limits = SandboxLimits(
         wall_s=len(tests) * (float(timeout_s) + 0.5) + 5.0,
-        cpu_s=int(cpu_s) if cpu_s is not None else max(1, math.ceil(timeout_s)),
+        # The CPU limit is a backstop one second past the wall-clock timeout: equal limits race on a spinning case
+        # (seen: a full test run reported "crash" (SIGXCPU) where the wall clock should report "timeout").
+        cpu_s=int(cpu_s) if cpu_s is not None else math.ceil(timeout_s) + 1,
         memory_mb=memory_mb, max_processes=max_processes, max_file_mb=max_file_mb,
         max_output_bytes=max_output_bytes)
     nonce = secrets.token_hex(16)
