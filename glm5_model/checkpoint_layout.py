@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from glm5_model.convert import ExpertShard, hf_source, megatron_to_hf, merge_tp, split_tp
+from glm5_model.megatron_config import ParallelLayout
 
 # Tensor-parallel split of Megatron tensors: suffix -> (partition_dim, partition_stride). Everything else is
 # replicated. tests/glm5_model/test_checkpoint_layout.py checks this table against a real model's attributes.
@@ -54,7 +55,9 @@ class Layout:
 
     @property
     def expert_tp(self) -> int:
-        return self.etp if self.etp is not None else (self.tp if self.ep == 1 else 1)
+        """The trainer's rule (ParallelLayout.expert_tp), so converted files match what live ranks load."""
+        return ParallelLayout(tensor_parallel=self.tp, expert_parallel=self.ep,
+                              expert_tensor_parallel=self.etp).expert_tp
 
     def check(self, hf: dict) -> None:
         for flag, value in (("--tp", self.tp), ("--ep", self.ep), ("--pp", self.pp), ("--etp", self.expert_tp)):

@@ -54,11 +54,6 @@ def test_contract():
 '''
 
 
-def _load(target: str, kwargs: dict):
-    fn = load_reward(target, kwargs)
-    return fn
-
-
 def _examples_for(target: str) -> list[RewardInput] | None:
     examples = reward_examples(target)
     if examples:
@@ -92,7 +87,7 @@ def cmd_new(args) -> int:
 
 
 def cmd_check(args) -> int:
-    fn = _load(args.target, json.loads(args.kwargs))
+    fn = load_reward(args.target, json.loads(args.kwargs))
     results = run_contract_checks(fn, _examples_for(args.target), timeout_s=args.timeout)
     print(format_report(args.target, results))
     return 0 if all(r.passed for r in results) else 1
@@ -110,7 +105,7 @@ def _read_sample(path: str) -> RewardInput:
 
 
 def cmd_try(args) -> int:
-    fn = _load(args.target, json.loads(args.kwargs))
+    fn = load_reward(args.target, json.loads(args.kwargs))
     result = asyncio.run(fn(_read_sample(args.sample)))
     print(f"score: {result.score:.6g}")
     for key, value in sorted(result.components.items()):
