@@ -12,19 +12,30 @@ from trainer.batching import TrainItem, plan_shape, shard_items
 from trainer.config import TrainerConfig
 
 TrainRankActor = ray.remote(TrainRank)
+_PORT_ATTEMPTS = 3
 
 
 class TrainerGroup:
     def __init__(self, cfg: TrainerConfig, checkpoint_dir: str, layer_spec: str = "auto"):
         self.cfg = cfg
-        port = free_port()
         rank_cfg = {**dataclasses.asdict(cfg), "layer_spec": layer_spec}
-        self.ranks = [
-            TrainRankActor.options(num_cpus=cfg.cpus_per_rank, name=None).remote(
-                rank, cfg.world_size, port, str(checkpoint_dir), rank_cfg)
-            for rank in range(cfg.world_size)
-        ]
-        self.info = ray.get([r.ready.remote() for r in self.ranks])
+        # free_port() closes the port it found before rank 0 binds it, so another process can take it in between
+        # (seen once in CI: EADDRINUSE in init_process_group). Such a start is retried on a new port.
+        for attempt in range(_PORT_ATTEMPTS):
+            port = free_port()
+            self.ranks = [
+                TrainRankActor.options(num_cpus=cfg.cpus_per_rank, name=None).remote(
+                    rank, cfg.world_size, port, str(checkpoint_dir), rank_cfg)
+                for rank in range(cfg.world_size)
+            ]
+            try:
+                self.info = ray.get([r.ready.remote() for r in self.ranks])
+                break
+            except ray.exceptions.RayActorError as exc:
+                for r in self.ranks:
+                    ray.kill(r)
+                if "EADDRINUSE" not in str(exc) or attempt == _PORT_ATTEMPTS - 1:
+                    raise
         self.dp_size = self.info[0]["dp_size"]
         # Sequence parallelism splits each sequence over tensor-parallel ranks: pad lengths to a multiple.
         self.seq_multiple = cfg.tensor_parallel if cfg.sequence_parallel and cfg.tensor_parallel > 1 else 1
