@@ -1,4 +1,5 @@
-"""Megatron-core on a CPU-only machine: the small set of shims it needs, installed only when CUDA is absent.
+"""Megatron-core on a CPU-only machine: the small set of shims it needs, installed only when CUDA is absent
+(except the Hadamard fallback, which a GPU without the fast_hadamard_transform kernel needs too).
 
 megatron-core (pinned 0.16.1) assumes CUDA in a few places that have nothing to do with the math: RNG state
 tracking, `torch.cuda.current_device()` as an allocation device, an optional TransformerEngine GEMM, and an
@@ -9,6 +10,7 @@ fails loudly instead of silently skipping a shim. We never edit megatron itself.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 
 import torch
@@ -36,11 +38,37 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def install_cpu_compat() -> None:
-    """Idempotent. Must run before megatron modules that hold references to the patched names are imported."""
+def param_device(config) -> torch.device | None:
+    """Where a module outside Megatron's own layers allocates its parameters: Megatron's choice (the current GPU
+    unless use_cpu_initialization); None keeps the ambient default, so a build under torch.device("meta") is free."""
+    return None if getattr(config, "use_cpu_initialization", True) else torch.device("cuda", torch.cuda.current_device())
+
+
+def install_compat() -> None:
+    """Idempotent. Must run before megatron modules that hold references to the patched names are imported.
+    With CUDA only the Hadamard fallback applies (the GPU path still lacks the kernel unless it is installed)."""
     global _installed
-    if _installed or cuda_available():
+    if _installed:
         return
+    if not cuda_available():
+        _install_cpu_shims()  # first: it keeps megatron's imports away from sglang's CUDA-only flash_mla
+    if importlib.util.find_spec("transformer_engine") is None:
+        _install_no_te_shims()
+    _install_hadamard_fallback()
+    _installed = True
+
+
+def _install_no_te_shims() -> None:
+    """Without TransformerEngine (on CPU, or a GPU without it) megatron still takes two TE-only branches."""
+    # Referenced unconditionally by MoE utils although it is only set when TransformerEngine is present.
+    moe_utils = importlib.import_module("megatron.core.transformer.moe.moe_utils")
+    moe_utils.te_general_gemm = None
+    # MLA tests isinstance(linear_proj, TELinear) whenever HAVE_TE, which its import sets without TE present.
+    mla = importlib.import_module("megatron.core.transformer.multi_latent_attention")
+    mla.HAVE_TE = False
+
+
+def _install_cpu_shims() -> None:
     # sglang installs sgl-flash-mla, whose import raises OSError without a GPU; megatron only catches ImportError.
     # A None entry in sys.modules turns the import into the ImportError megatron expects.
     for name in ("flash_mla",):
@@ -58,15 +86,6 @@ def install_cpu_compat() -> None:
     random_mod = importlib.import_module("megatron.core.tensor_parallel.random")
     random_mod._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
     random_mod._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
-
-    # Referenced unconditionally by MoE utils although it is only set when TransformerEngine is present.
-    moe_utils = importlib.import_module("megatron.core.transformer.moe.moe_utils")
-    moe_utils.te_general_gemm = None
-
-    mla = importlib.import_module("megatron.core.transformer.multi_latent_attention")
-    mla.HAVE_TE = False
-    _install_hadamard_fallback()
-    _installed = True
 
 
 def _install_hadamard_fallback() -> None:

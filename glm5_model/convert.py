@@ -58,6 +58,30 @@ _LAYER_GATED_FC1 = {
     "mlp.linear_fc1.weight": "mlp",
     "mlp.shared_experts.linear_fc1.weight": "mlp.shared_experts",
 }
+# TransformerEngine's layer spec fuses a norm into the linear after it and runs the local experts as one grouped
+# GEMM, which renames those tensors. The local spec's names are the canonical ones (conversion, checkpoint files);
+# `megatron_tensors` reports every tensor under its canonical name.
+_TE_FUSED_NORMS = {
+    "self_attention.linear_q_up_proj.layer_norm_weight": "self_attention.q_layernorm.weight",
+    "self_attention.linear_kv_up_proj.layer_norm_weight": "self_attention.kv_layernorm.weight",
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",  # GLM-4.5
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",  # dense layers
+}
+_TE_GROUPED_EXPERT = re.compile(r"^mlp\.experts\.(linear_fc1|linear_fc2)\.weight(\d+)$")
+
+
+def canonical_name(name: str) -> str:
+    """The local-spec name of a Megatron tensor name from either layer spec."""
+    m = _LAYER.match(name)
+    if not m:
+        return name
+    rest = _TE_FUSED_NORMS.get(m.group(2), m.group(2))
+    grouped = _TE_GROUPED_EXPERT.match(rest)
+    if grouped:
+        rest = f"mlp.experts.local_experts.{grouped.group(2)}.{grouped.group(1)}.weight"
+    return f"decoder.layers.{m.group(1)}.{rest}"
+
+
 _GLOBAL = {
     "embedding.word_embeddings.weight": "model.embed_tokens.weight",
     "decoder.final_layernorm.weight": "model.norm.weight",
@@ -194,11 +218,13 @@ def _get(hf_state: dict[str, torch.Tensor], hf_name: str, for_name: str) -> torc
 
 
 def megatron_tensors(model: torch.nn.Module, layer_offset: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
-    """Parameters and persistent buffers (the router's expert_bias is a buffer) of an unwrapped model. A pipeline
-    stage numbers its layers from 0; `layer_offset` (its first layer's global index) makes the names global."""
+    """Parameters and persistent buffers (the router's expert_bias is a buffer) of an unwrapped model, under their
+    canonical names. A pipeline stage numbers its layers from 0; `layer_offset` (its first layer's global index)
+    makes the names global."""
     def rename(name: str) -> str:
         m = _LAYER.match(name)
-        return f"decoder.layers.{int(m.group(1)) + layer_offset}.{m.group(2)}" if m and layer_offset else name
+        name = f"decoder.layers.{int(m.group(1)) + layer_offset}.{m.group(2)}" if m and layer_offset else name
+        return canonical_name(name)
 
     for name, param in model.named_parameters():
         yield rename(name), param

@@ -19,6 +19,8 @@ import functools
 
 import torch
 
+from glm5_model.compat import param_device
+
 INDEXER_NORM_EPS = 1e-6
 
 
@@ -29,8 +31,7 @@ class ReplicatedLinear(torch.nn.Module):
                  skip_bias_add: bool = False, skip_weight_param_allocation: bool = False, parallel_mode=None,
                  **_unused):
         super().__init__()
-        # None keeps the ambient default device, so a build under `torch.device("meta")` allocates nothing.
-        device = None if getattr(config, "use_cpu_initialization", True) else torch.cuda.current_device()
+        device = param_device(config)
         dtype = getattr(config, "params_dtype", torch.float32)
         self.weight = torch.nn.Parameter(torch.empty(output_size, input_size, device=device, dtype=dtype))
         if init_method is not None:
@@ -45,7 +46,8 @@ class IndexerLayerNorm(torch.nn.LayerNorm):
     """The indexer key norm: LayerNorm with bias and GLM-5's fixed eps."""
 
     def __init__(self, config=None, hidden_size: int = 0, eps: float = INDEXER_NORM_EPS, **_unused):
-        super().__init__(hidden_size, eps=INDEXER_NORM_EPS, dtype=getattr(config, "params_dtype", torch.float32))
+        super().__init__(hidden_size, eps=INDEXER_NORM_EPS, dtype=getattr(config, "params_dtype", torch.float32),
+                         device=param_device(config))
 
 
 @functools.lru_cache(maxsize=None)

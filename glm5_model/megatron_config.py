@@ -72,7 +72,7 @@ def moe_layer_pattern(hf: dict[str, Any]) -> list[int]:
 
 
 def _moe_and_parallel_fields(hf: dict[str, Any], layout: ParallelLayout, params_dtype: torch.dtype,
-                             bias_update_rate: float = 0.0) -> dict:
+                             bias_update_rate: float = 0.0, grouped_experts: bool = False) -> dict:
     """What GLM-5 and GLM-4.5 share: the sigmoid-routed MoE with a shared expert, SwiGLU, norms, parallelism."""
     return dict(
         num_layers=hf["num_hidden_layers"],
@@ -101,7 +101,7 @@ def _moe_and_parallel_fields(hf: dict[str, Any], layout: ParallelLayout, params_
         moe_router_load_balancing_type="none",
         moe_aux_loss_coeff=0.0,
         moe_token_dispatcher_type="allgather",
-        moe_grouped_gemm=False,
+        moe_grouped_gemm=grouped_experts,
         tensor_model_parallel_size=layout.tensor_parallel,
         expert_model_parallel_size=layout.expert_parallel,
         expert_tensor_parallel_size=layout.expert_tp,
@@ -121,7 +121,7 @@ def _moe_and_parallel_fields(hf: dict[str, Any], layout: ParallelLayout, params_
 
 
 def _glm45_transformer_config(hf: dict[str, Any], layout: ParallelLayout, params_dtype: torch.dtype,
-                              bias_update_rate: float):
+                              bias_update_rate: float, grouped_experts: bool):
     """GLM-4.5: grouped-query attention with qkv bias and per-head q/k RMSNorm; rotary on part of each head."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -133,7 +133,7 @@ def _glm45_transformer_config(hf: dict[str, Any], layout: ParallelLayout, params
         kv_channels=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
         add_qkv_bias=bool(hf.get("attention_bias", False)),
         qk_layernorm=True,
-        **_moe_and_parallel_fields(hf, layout, params_dtype, bias_update_rate),
+        **_moe_and_parallel_fields(hf, layout, params_dtype, bias_update_rate, grouped_experts),
     )
 
 
@@ -145,14 +145,16 @@ def rope_settings(hf: dict[str, Any]) -> dict[str, Any]:
 
 
 def to_transformer_config(hf: dict[str, Any], layout: ParallelLayout = ParallelLayout(),
-                          params_dtype: torch.dtype = torch.float32, bias_update_rate: float = 0.0):
+                          params_dtype: torch.dtype = torch.float32, bias_update_rate: float = 0.0,
+                          grouped_experts: bool = False):
     """`bias_update_rate` > 0 turns on the auxiliary-loss-free expert-bias update (0 keeps the checkpoint's
-    selection bias fixed, the usual choice in RL)."""
+    selection bias fixed, the usual choice in RL). `grouped_experts` runs a layer's local experts as one grouped
+    GEMM (TransformerEngine's GroupedLinear)."""
     from megatron.core.transformer.transformer_config import MLATransformerConfig
 
     check_supported(hf)
     if is_glm45(hf):
-        return _glm45_transformer_config(hf, layout, params_dtype, bias_update_rate)
+        return _glm45_transformer_config(hf, layout, params_dtype, bias_update_rate, grouped_experts)
     if hf.get("attention_bias", False):
         raise ValueError("attention_bias: True is not supported for glm_moe_dsa")
     rope = hf.get("rope_parameters") or {}
@@ -170,5 +172,5 @@ def to_transformer_config(hf: dict[str, Any], layout: ParallelLayout = ParallelL
         dsa_indexer_head_dim=hf["index_head_dim"],
         dsa_indexer_topk=hf["index_topk"],
         dsa_indexer_loss_coeff=0.0,  # the indexer is frozen in RL (glm5_model/dsa.py)
-        **_moe_and_parallel_fields(hf, layout, params_dtype, bias_update_rate),
+        **_moe_and_parallel_fields(hf, layout, params_dtype, bias_update_rate, grouped_experts),
     )

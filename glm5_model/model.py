@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from glm5_model.compat import cuda_available, install_cpu_compat, mla_core_attention_class
+from glm5_model.compat import cuda_available, install_compat, mla_core_attention_class, param_device
 from glm5_model.dsa import dsa_core_attention_spec
 from glm5_model.megatron_config import ParallelLayout, is_glm45, rope_settings, to_transformer_config
 
@@ -42,7 +42,7 @@ class RMSNorm(torch.nn.RMSNorm):
     its gradient over tensor-parallel ranks (each rank normalises a different slice of the sequence)."""
 
     def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_unused):
-        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
+        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype, device=param_device(config))
         setattr(self.weight, "sequence_parallel", config.sequence_parallel)
 
 
@@ -51,6 +51,22 @@ class LatentRMSNorm(RMSNorm):
 
     def __init__(self, config, hidden_size: int, eps: float = LATENT_NORM_EPS, **kwargs):
         super().__init__(config, hidden_size, eps=LATENT_NORM_EPS, **kwargs)
+
+
+def _latent_te_norm_linear():
+    """TransformerEngine's spec fuses MLA's q/kv latent norms into the up projections, which read the model-wide
+    layernorm_epsilon; GLM-5's latent norms need LATENT_NORM_EPS, so the fused linear gets a config copy with it."""
+    import copy
+
+    from megatron.core.extensions.transformer_engine import TELayerNormColumnParallelLinear
+
+    class LatentTELayerNormColumnParallelLinear(TELayerNormColumnParallelLinear):
+        def __init__(self, *args, config, **kwargs):
+            config = copy.copy(config)
+            config.layernorm_epsilon = LATENT_NORM_EPS
+            super().__init__(*args, config=config, **kwargs)
+
+    return LatentTELayerNormColumnParallelLinear
 
 
 def _duplicated_linear():
@@ -84,7 +100,9 @@ def build_layer_spec(config, layer_spec: str = "auto"):
             attn.core_attention = dsa_core_attention_spec()
         elif not te:
             attn.core_attention = mla_core_attention_class()
-        if not te:
+        if te:
+            attn.linear_q_up_proj = attn.linear_kv_up_proj = _latent_te_norm_linear()
+        else:
             # Megatron's local MLA spec makes the down projections column-parallel; with tensor parallelism the
             # gradient of the shared rotary key (k_pos_emb, sliced out of the gathered kv_down output) then misses
             # the other ranks' heads (measured: grads off by ~0.5% at TP2). Its duplicated `Linear` keeps the
@@ -105,15 +123,18 @@ def build_gpt_model(hf: dict[str, Any], layout: ParallelLayout = ParallelLayout(
                     bias_update_rate: float = 0.0, layer_spec: str = "auto"):
     """Megatron model for an HF GLM-5 (glm_moe_dsa) or GLM-4.5 (glm4_moe) config. Megatron's parallel state must
     already be initialised."""
-    install_cpu_compat()
+    install_compat()
     from megatron.core.models.gpt import GPTModel
 
-    config = to_transformer_config(hf, layout, params_dtype, bias_update_rate)
+    te = use_transformer_engine(layer_spec)
+    # TransformerEngine runs the local experts as one grouped GEMM (parameter names differ; glm5_model/convert.py
+    # maps them to the canonical per-expert names).
+    config = to_transformer_config(hf, layout, params_dtype, bias_update_rate, grouped_experts=te)
     # MLA (GLM-5) applies its own rotary embedding inside attention; GLM-4.5 uses the model-level one.
     rope = rope_settings(hf) if is_glm45(hf) else {"position_embedding_type": "none"}
     model = GPTModel(
         config=config,
-        transformer_layer_spec=build_layer_spec(config, layer_spec),
+        transformer_layer_spec=build_layer_spec(config, "te" if te else "local"),
         vocab_size=hf["vocab_size"],
         max_sequence_length=_max_context(hf),
         pre_process=pre_process,
@@ -121,6 +142,12 @@ def build_gpt_model(hf: dict[str, Any], layout: ParallelLayout = ParallelLayout(
         share_embeddings_and_output_weights=False,
         **rope,
     )
+    device = param_device(config)
+    if device is not None:
+        # modelopt's duplicated Linear (MLA's down projections in the local spec) allocates on the CPU whatever
+        # Megatron's device choice (MLA accepts only that exact class, so no subclass can fix it). `to` moves
+        # .data in place: the Parameters keep their Megatron attributes.
+        model.to(device)
     freeze_indexer(model)
     return model
 

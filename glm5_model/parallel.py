@@ -6,13 +6,13 @@ import os
 import torch
 import torch.distributed as dist
 
-from glm5_model.compat import cuda_available, install_cpu_compat
+from glm5_model.compat import cuda_available, install_compat
 from glm5_model.megatron_config import ParallelLayout
 
 
 def init_parallel(rank: int, world_size: int, layout: ParallelLayout, master_addr: str = "127.0.0.1",
                   master_port: int = 29500, seed: int = 1234) -> None:
-    install_cpu_compat()
+    install_compat()
     from megatron.core import parallel_state, tensor_parallel
 
     if not dist.is_initialized():

@@ -19,9 +19,9 @@ def test_megatron_version_is_the_pinned_one():
 
 @pytest.mark.parametrize("module, attr", MEGATRON_INTERNALS, ids=[f"{m}.{a}" for m, a in MEGATRON_INTERNALS])
 def test_megatron_internal_still_exists(module, attr):
-    from glm5_model.compat import install_cpu_compat
+    from glm5_model.compat import install_compat
 
-    install_cpu_compat()
+    install_compat()
     try:
         mod = importlib.import_module(module)
     except ImportError as exc:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from glm5_model.compat import cpu_device_scope
+from glm5_model.compat import cpu_device_scope, cuda_available
 from glm5_model.convert import (ExpertShard, TPShard, load_hf_into_megatron, megatron_tensors, megatron_to_hf,
                                 tp_merge)
 from glm5_model.hf_checkpoint import load_hf_state_dict
@@ -39,6 +39,8 @@ class TrainRank:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
+        # init_parallel picked this rank's GPU when there is one.
+        self.device = torch.device("cuda", torch.cuda.current_device()) if cuda_available() else torch.device("cpu")
         self.hf_config = json.loads((Path(checkpoint_dir) / "config.json").read_text())
         self.shard = ExpertShard.for_rank(self.hf_config, ps.get_expert_model_parallel_rank(),
                                           self.layout.expert_parallel)
@@ -84,7 +86,7 @@ class TrainRank:
     def _batches(self, items: list[TrainItem], shape: BatchShape):
         batches = make_micro_batches(items, shape)
         for m, mb in enumerate(batches):
-            yield mb, items[m * shape.rows:(m + 1) * shape.rows]
+            yield mb.to(self.device), items[m * shape.rows:(m + 1) * shape.rows]
 
     def _run_schedule(self, items: list[TrainItem], shape: BatchShape, loss_fn, forward_only: bool) -> list:
         """Megatron's schedule (1F1B across pipeline stages, a plain loop without PP) over the micro-batches;
@@ -178,7 +180,7 @@ class TrainRank:
             out = self._gather_pipeline_stages(out)
         if self.rank != 0:
             return None
-        return [(n, t.detach().clone()) for n, t in out]
+        return [(n, t.detach().to("cpu", copy=True)) for n, t in out]
 
     def _gather_pipeline_stages(self, out: list[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
         """Every stage's tensors on the first stage (a collective over the pipeline group)."""

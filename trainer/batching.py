@@ -36,6 +36,10 @@ class MicroBatch:
     rollout_logprobs: torch.Tensor  # [b, s-1] behaviour logprobs aligned with targets (0 where masked)
     real_rows: int                  # rows before padding
 
+    def to(self, device: torch.device) -> "MicroBatch":
+        return MicroBatch(self.tokens.to(device), self.loss_mask.to(device), self.advantages.to(device),
+                          self.rollout_logprobs.to(device), self.real_rows)
+
 
 def shard_items(items: list[TrainItem], dp_size: int) -> list[list[TrainItem]]:
     """Round-robin split over data-parallel ranks, so long and short groups spread over ranks."""

@@ -105,3 +105,24 @@ def test_glm45_round_trip_is_bit_exact(tmp_path, layout):
     original, restored = load_hf_state_dict(ckpt), load_hf_state_dict(back)
     assert sorted(original) == sorted(restored)
     assert all(torch.equal(original[k], restored[k]) for k in original)
+
+
+@pytest.mark.parametrize("te_name, canonical", [
+    ("decoder.layers.3.self_attention.linear_q_up_proj.layer_norm_weight",
+     "decoder.layers.3.self_attention.q_layernorm.weight"),
+    ("decoder.layers.3.self_attention.linear_kv_up_proj.layer_norm_weight",
+     "decoder.layers.3.self_attention.kv_layernorm.weight"),
+    ("decoder.layers.0.self_attention.linear_qkv.layer_norm_weight", "decoder.layers.0.input_layernorm.weight"),
+    ("decoder.layers.0.mlp.linear_fc1.layer_norm_weight", "decoder.layers.0.pre_mlp_layernorm.weight"),
+    ("decoder.layers.2.mlp.experts.linear_fc1.weight11", "decoder.layers.2.mlp.experts.local_experts.11.linear_fc1.weight"),
+    ("decoder.layers.2.mlp.experts.linear_fc2.weight0", "decoder.layers.2.mlp.experts.local_experts.0.linear_fc2.weight"),
+    # names both specs share stay as they are
+    ("decoder.layers.2.mlp.shared_experts.linear_fc1.weight", "decoder.layers.2.mlp.shared_experts.linear_fc1.weight"),
+    ("decoder.final_layernorm.weight", "decoder.final_layernorm.weight"),
+])
+def test_transformer_engine_names_map_to_canonical_names(te_name, canonical):
+    """TransformerEngine's spec fuses norms into linears and groups experts; conversion sees local-spec names
+    (the GPU test tests/glm5_model/test_gpu_path.py checks these are the names a TE model really has)."""
+    from glm5_model.convert import canonical_name
+
+    assert canonical_name(te_name) == canonical
