@@ -2,7 +2,8 @@
 files for any tensor / expert / pipeline-parallel layout, one decoder layer at a time, so a 744B checkpoint never
 has to be in memory at once (peak: one layer, plus embeddings).
 
-    python -m glm5_model.convert hf-to-megatron --hf HF_DIR --out MEG_DIR --tp 8 --ep 32 --pp 8
+    python -m glm5_model.convert hf-to-megatron --hf HF_DIR --out MEG_DIR --tp 8 --ep 32 --pp 8 \
+        --pp-first-layers 9 --pp-last-layers 9     # GLM-5: 78 layers as 9 + 6 x 10 + 9
     python -m glm5_model.convert megatron-to-hf --megatron MEG_DIR --out HF_DIR
 
 Megatron side: MEG_DIR/layout.json, and per rank MEG_DIR/mp_rank_{tp}_{pp}_{ep}/{part}.safetensors, where part is
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 
 from glm5_model.convert import ExpertShard, hf_source, megatron_to_hf, merge_tp, split_tp
-from glm5_model.megatron_config import ParallelLayout
+from glm5_model.megatron_config import ParallelLayout, pipeline_stage_layers
 
 # Tensor-parallel split of Megatron tensors: suffix -> (partition_dim, partition_stride). Everything else is
 # replicated. tests/glm5_model/test_checkpoint_layout.py checks this table against a real model's attributes.
@@ -52,6 +53,8 @@ class Layout:
     ep: int = 1
     pp: int = 1
     etp: int | None = None  # expert tensor parallel; default: tp without EP, 1 with EP (as the trainer does)
+    pp_first: int | None = None  # layers on the first / last pipeline stage (uneven split), as the trainer's
+    pp_last: int | None = None
 
     @property
     def expert_tp(self) -> int:
@@ -69,13 +72,21 @@ class Layout:
             raise ValueError(f"--tp: {self.tp} does not divide num_key_value_heads {hf['num_key_value_heads']}")
         if hf["n_routed_experts"] % self.ep:
             raise ValueError(f"--ep: {self.ep} does not divide n_routed_experts {hf['n_routed_experts']}")
-        if hf["num_hidden_layers"] % self.pp:
-            raise ValueError(f"--pp: {self.pp} does not divide num_hidden_layers {hf['num_hidden_layers']}")
+        self.stage_counts(hf["num_hidden_layers"])
+
+    def stage_counts(self, num_layers: int) -> list[int]:
+        """Decoder layers per pipeline stage: the trainer's split (ParallelLayout), so files match live ranks."""
+        return pipeline_stage_layers(num_layers, self.pp, self.pp_first, self.pp_last,
+                                     names=("--pp", "--pp-first-layers", "--pp-last-layers"))
 
     def stage_of(self, layer: int, num_layers: int) -> tuple[int, int]:
         """(pipeline stage, stage-local layer index)."""
-        per_stage = num_layers // self.pp
-        return layer // per_stage, layer % per_stage
+        start = 0
+        for stage, count in enumerate(self.stage_counts(num_layers)):
+            if layer < start + count:
+                return stage, layer - start
+            start += count
+        raise ValueError(f"layer {layer} is beyond num_hidden_layers {num_layers}")
 
 
 def _split_spec(megatron_name: str) -> tuple[int, int] | None:
@@ -268,9 +279,11 @@ def megatron_to_hf_dir(meg_dir: str | Path, out_dir: str | Path, progress: bool 
     def write(tmp: Path) -> None:
         tmp.mkdir(parents=True)
         weight_map: dict[str, str] = {}
-        per_stage = num_layers // layout.pp
-        jobs = [("embedding", 0, 0)] + [(f"layer_{i:04d}", i // per_stage, (i // per_stage) * per_stage)
-                                        for i in range(num_layers)] + [("head", layout.pp - 1, 0)]
+        jobs = [("embedding", 0, 0)]
+        for i in range(num_layers):
+            stage, local = layout.stage_of(i, num_layers)
+            jobs.append((f"layer_{i:04d}", stage, i - local))
+        jobs.append(("head", layout.pp - 1, 0))
         for part, stage, offset in _progress(jobs, progress, "parts"):
             tensors = merged(part, stage, offset)
             file = f"model-{part}.safetensors"
@@ -294,13 +307,16 @@ def main(argv: list[str] | None = None) -> int:
     for flag in ("--tp", "--ep", "--pp"):
         a.add_argument(flag, type=int, default=1)
     a.add_argument("--etp", type=int, default=None)
+    a.add_argument("--pp-first-layers", type=int, default=None, help="layers on the first pipeline stage")
+    a.add_argument("--pp-last-layers", type=int, default=None, help="layers on the last pipeline stage")
     b = sub.add_parser("megatron-to-hf")
     b.add_argument("--megatron", required=True)
     b.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     try:
         if args.command == "hf-to-megatron":
-            out = hf_to_megatron(args.hf, args.out, Layout(args.tp, args.ep, args.pp, args.etp))
+            out = hf_to_megatron(args.hf, args.out, Layout(args.tp, args.ep, args.pp, args.etp,
+                                                                args.pp_first_layers, args.pp_last_layers))
         else:
             out = megatron_to_hf_dir(args.megatron, args.out)
     except (ValueError, KeyError, FileNotFoundError) as exc:

@@ -29,12 +29,48 @@ class ParallelLayout:
     # Experts are tensor-parallel like the dense layers when not expert-parallel; with EP they stay whole
     # (Megatron: expert TP x EP x PP must divide the world, so TP2 x EP2 on 2 ranks needs expert TP 1).
     expert_tensor_parallel: int | None = None
+    # Uneven pipeline: layers on the first / last stage (the rest split evenly), e.g. GLM-5's 78 layers on PP8.
+    first_stage_layers: int | None = None
+    last_stage_layers: int | None = None
+
+    def stage_layer_counts(self, num_layers: int) -> list[int]:
+        return pipeline_stage_layers(num_layers, self.pipeline_parallel, self.first_stage_layers,
+                                     self.last_stage_layers)
 
     @property
     def expert_tp(self) -> int:
         if self.expert_tensor_parallel is not None:
             return self.expert_tensor_parallel
         return self.tensor_parallel if self.expert_parallel == 1 else 1
+
+
+def pipeline_stage_layers(num_layers: int, pp: int, first: int | None = None, last: int | None = None,
+                          names: tuple[str, str, str] = ("pipeline_parallel", "first_stage_layers",
+                                                         "last_stage_layers")) -> list[int]:
+    """Decoder layers per pipeline stage, as Megatron splits them: `first` / `last` layers on the first / last
+    stage when given (num_layers_in_first/last_pipeline_stage), the rest evenly. `names` are the caller's names
+    for (pp, first, last), so the error names the field or flag the user set."""
+    pp_name, first_name, last_name = names
+    fixed = [(n, v) for n, v in ((first_name, first), (last_name, last)) if v is not None]
+    if pp == 1:
+        if fixed:
+            raise ValueError(f"{fixed[0][0]}: only meaningful with {pp_name} > 1")
+        return [num_layers]
+    for name, value in fixed:
+        if value < 1:
+            raise ValueError(f"{name}: must be >= 1, got {value}")
+    rest_layers = num_layers - sum(v for _, v in fixed)
+    rest_stages = pp - len(fixed)
+    if rest_stages == 0:
+        if rest_layers != 0:
+            raise ValueError(f"{first_name} + {last_name}: {first} + {last} != {num_layers} layers with {pp_name} 2")
+        return [first, last]
+    if rest_layers < rest_stages or rest_layers % rest_stages:
+        flag = "/".join([pp_name] + [n for n, _ in fixed])
+        raise ValueError(f"{flag}: {rest_layers} layers do not split evenly over {rest_stages} pipeline stages "
+                         f"(num_hidden_layers={num_layers}); pick a divisor or set {first_name}/{last_name}")
+    counts = [rest_layers // rest_stages] * rest_stages
+    return ([first] if first is not None else []) + counts + ([last] if last is not None else [])
 
 
 def is_glm45(hf: dict[str, Any]) -> bool:
@@ -106,6 +142,8 @@ def _moe_and_parallel_fields(hf: dict[str, Any], layout: ParallelLayout, params_
         expert_model_parallel_size=layout.expert_parallel,
         expert_tensor_parallel_size=layout.expert_tp,
         pipeline_model_parallel_size=layout.pipeline_parallel,
+        num_layers_in_first_pipeline_stage=layout.first_stage_layers,
+        num_layers_in_last_pipeline_stage=layout.last_stage_layers,
         sequence_parallel=layout.sequence_parallel,
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,  # activations sent between pipeline stages

@@ -47,6 +47,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from glm5_model.megatron_config import pipeline_stage_layers
 from glm5_model.param_count import ModelParams, count_params
 
 GIB = 1024 ** 3
@@ -142,33 +143,12 @@ def resolve_dp(tp: int, pp: int, dp: int | None, nodes: int | None, gpus_per_nod
 
 def stage_layers(num_layers: int, layout: Layout) -> list[list[int]]:
     """Decoder layers of each pipeline stage: even, or with Megatron's first/last-stage overrides
-    (decoder_first_pipeline_num_layers / decoder_last_pipeline_num_layers) and the rest even."""
-    pp = layout.pp
-    first, last = layout.pp_first_layers, layout.pp_last_layers
-    if pp == 1:
-        if first is not None or last is not None:
-            raise LayoutError("--pp-first-layers/--pp-last-layers: only meaningful with --pp > 1")
-        return [list(range(num_layers))]
-    fixed = [s for s in (first, last) if s is not None]
-    if any(s < 1 for s in fixed):
-        raise LayoutError("--pp-first-layers/--pp-last-layers: must be >= 1")
-    rest_layers = num_layers - sum(fixed)
-    rest_stages = pp - len(fixed)
-    if rest_stages == 0:
-        if rest_layers != 0:
-            raise LayoutError(f"--pp-first-layers + --pp-last-layers = {sum(fixed)} != {num_layers} layers with --pp 2")
-        counts = [first, last]
-    else:
-        if rest_layers < rest_stages or rest_layers % rest_stages:
-            flag = "--pp" if not fixed else "--pp/--pp-first-layers/--pp-last-layers"
-            raise LayoutError(
-                f"{flag}: {rest_layers} layers do not split evenly over {rest_stages} pipeline stages "
-                f"(num_hidden_layers={num_layers}); pick a divisor or set --pp-first-layers/--pp-last-layers")
-        counts = [rest_layers // rest_stages] * rest_stages
-        if first is not None:
-            counts = [first] + counts
-        if last is not None:
-            counts = counts + [last]
+    (num_layers_in_first/last_pipeline_stage) and the rest even (the trainer's split, see ParallelLayout)."""
+    try:
+        counts = pipeline_stage_layers(num_layers, layout.pp, layout.pp_first_layers, layout.pp_last_layers,
+                                       names=("--pp", "--pp-first-layers", "--pp-last-layers"))
+    except ValueError as exc:
+        raise LayoutError(str(exc)) from exc
     out, start = [], 0
     for c in counts:
         out.append(list(range(start, start + c)))

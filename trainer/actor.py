@@ -33,6 +33,8 @@ class TrainRank:
         tp = cfg["tensor_parallel"]
         self.layout = ParallelLayout(tensor_parallel=tp, expert_parallel=cfg["expert_parallel"],
                                      pipeline_parallel=cfg["pipeline_parallel"],
+                                     first_stage_layers=cfg.get("pipeline_first_stage_layers"),
+                                     last_stage_layers=cfg.get("pipeline_last_stage_layers"),
                                      sequence_parallel=cfg["sequence_parallel"] and tp > 1)
         init_parallel(rank, world_size, self.layout, master_port=master_port, seed=cfg["seed"])
         from megatron.core import parallel_state as ps

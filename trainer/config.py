@@ -41,6 +41,9 @@ class TrainerConfig:
     world_size: int = 1
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
+    # Uneven pipeline stages (Megatron's num_layers_in_first/last_pipeline_stage), the rest split evenly.
+    pipeline_first_stage_layers: int | None = None
+    pipeline_last_stage_layers: int | None = None
     sequence_parallel: bool = True  # only takes effect with tensor_parallel > 1
     expert_parallel: int = 1
     lr: float = 1e-4
@@ -135,9 +138,14 @@ def validate(cfg: RunConfig) -> RunConfig:
     heads = PRESETS[cfg.model.preset]["num_attention_heads"]
     _check(heads % t.tensor_parallel == 0, "trainer.tensor_parallel",
            f"must divide the model's {heads} attention heads, got {t.tensor_parallel}")
-    layers = PRESETS[cfg.model.preset]["num_hidden_layers"]
-    _check(layers % t.pipeline_parallel == 0, "trainer.pipeline_parallel",
-           f"must divide the model's {layers} layers, got {t.pipeline_parallel}")
+    from glm5_model.megatron_config import pipeline_stage_layers
+    try:
+        pipeline_stage_layers(PRESETS[cfg.model.preset]["num_hidden_layers"], t.pipeline_parallel,
+                              t.pipeline_first_stage_layers, t.pipeline_last_stage_layers,
+                              names=("trainer.pipeline_parallel", "trainer.pipeline_first_stage_layers",
+                                     "trainer.pipeline_last_stage_layers"))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
     num_experts = PRESETS[cfg.model.preset]["n_routed_experts"]
     _check(num_experts % t.expert_parallel == 0, "trainer.expert_parallel",
            f"must divide the model's {num_experts} experts, got {t.expert_parallel}")

@@ -34,7 +34,8 @@ def sharded_checkpoint(tiny_checkpoint, tmp_path_factory):
 
 
 @pytest.mark.parametrize("layout", [Layout(), Layout(tp=2, ep=2), Layout(tp=2, pp=3), Layout(tp=4, ep=4, pp=3),
-                                    Layout(tp=2, ep=1, etp=2)], ids=str)
+                                    Layout(tp=2, ep=1, etp=2), Layout(pp=2, pp_first=1), Layout(ep=2, pp=2, pp_last=1)],
+                         ids=str)
 def test_round_trip_is_bit_exact(sharded_checkpoint, tmp_path, layout):
     meg = hf_to_megatron(sharded_checkpoint, tmp_path / "meg", layout, progress=False)
     ranks = sorted(p.name for p in meg.glob("mp_rank_*"))
@@ -59,10 +60,23 @@ def test_rank_files_hold_only_their_piece(sharded_checkpoint, tmp_path):
         assert f.get_tensor("decoder.layers.0.mlp.experts.local_experts.0.linear_fc1.weight").shape[0] == 128
 
 
-@pytest.mark.parametrize("layout, flag", [(Layout(tp=3), "--tp"), (Layout(ep=3), "--ep"), (Layout(pp=2), "--pp")])
+@pytest.mark.parametrize("layout, flag", [
+    (Layout(tp=3), "--tp"), (Layout(ep=3), "--ep"), (Layout(pp=2), "--pp"),
+    (Layout(pp=2, pp_first=1, pp_last=1), "--pp-first-layers [+] --pp-last-layers"),
+    (Layout(pp=1, pp_first=1), "--pp-first-layers"), (Layout(pp=3, pp_first=0), "--pp-first-layers")])
 def test_bad_layout_names_the_flag(sharded_checkpoint, tmp_path, layout, flag):
     with pytest.raises(ValueError, match=f"^{flag}:"):
         hf_to_megatron(sharded_checkpoint, tmp_path / "meg", layout, progress=False)
+
+
+def test_uneven_stages_put_layers_where_megatron_does(sharded_checkpoint, tmp_path):
+    meg = hf_to_megatron(sharded_checkpoint, tmp_path / "meg", Layout(pp=2, pp_first=1), progress=False)
+    # 3 layers as 1 + 2: global layers 1 and 2 are stage 1's local layers 0 and 1
+    assert sorted(p.name for p in (meg / "mp_rank_00_000_000").iterdir()) == ["embedding.safetensors",
+                                                                               "layer_0000.safetensors"]
+    assert sorted(p.name for p in (meg / "mp_rank_00_001_000").iterdir()) == ["head.safetensors",
+                                                                               "layer_0001.safetensors",
+                                                                               "layer_0002.safetensors"]
 
 
 def test_split_table_matches_megatron_parameters(tiny_checkpoint):

@@ -37,8 +37,25 @@ def test_quickstart_composes_and_validates():
     ("+reward.combine=[{name: exact_match, wieght: 2}]", "reward.combine[0].wieght"),
     ("data.path=/nonexistent.jsonl", "data.path"),
     ("+trainer.learning_rate=1e-3", "trainer.learning_rate"),
+    ("trainer.pipeline_first_stage_layers=1", "trainer.pipeline_first_stage_layers"),  # needs pipeline_parallel > 1
 ])
 def test_bad_value_names_the_field(override, field):
     with pytest.raises(ConfigError) as info:
         parse_config(compose_config(["+experiment=quickstart", override]))
     assert str(info.value).startswith(field + ":"), str(info.value)
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (["trainer.pipeline_parallel=2"], "trainer.pipeline_parallel"),  # the tiny model's 3 layers do not split evenly
+    (["trainer.pipeline_parallel=2", "trainer.pipeline_last_stage_layers=3"], "trainer.pipeline_parallel"),
+])
+def test_pipeline_split_errors_name_the_field(overrides, field):
+    with pytest.raises(ConfigError) as info:
+        parse_config(compose_config(["+experiment=quickstart", "trainer.world_size=2", *overrides]))
+    assert str(info.value).startswith(field), str(info.value)
+
+
+def test_uneven_pipeline_split_is_accepted():
+    cfg = parse_config(compose_config(["+experiment=quickstart", "trainer.world_size=2", "trainer.pipeline_parallel=2",
+                                       "trainer.pipeline_first_stage_layers=1"]))
+    assert cfg.trainer.pipeline_first_stage_layers == 1

@@ -52,7 +52,9 @@ def _check_offline_conversion_matches_live_ranks(group, checkpoint, layout):
 
     meg = hf_to_megatron(checkpoint, Path(tempfile.mkdtemp()) / "meg",
                          Layout(tp=layout.get("tensor_parallel", 1), ep=layout.get("expert_parallel", 1),
-                                pp=layout.get("pipeline_parallel", 1)), progress=False)
+                                pp=layout.get("pipeline_parallel", 1),
+                                pp_first=layout.get("pipeline_first_stage_layers"),
+                                pp_last=layout.get("pipeline_last_stage_layers")), progress=False)
     for rank, info in zip(group.ranks, group.info):
         files = {}
         rank_dir = f"mp_rank_{info['tp_rank']:02d}_{info['pp_rank']:03d}_{info['expert_shard'][0]:03d}"
@@ -87,12 +89,18 @@ def world1_reference(ray_session, tiny_checkpoint):
     {"expert_parallel": 2, "tensor_parallel": 2, "sequence_parallel": True},  # TP2 + SP + EP2
 ], ids=["dp2", "dp2-ep2", "tp2-sp", "tp2-sp-ep2"])
 def test_world2_matches_world1(world1_reference, tiny_checkpoint, layout):
-    items = _items()
-    ref_metrics, ref, ref_weights = world1_reference
-    metrics, got, weights = _step_then_logprobs(tiny_checkpoint, items, world_size=2, **layout)
+    _assert_same_step(_step_then_logprobs(tiny_checkpoint, _items(), world_size=2, **layout), world1_reference,
+                      layout)
+
+
+def _assert_same_step(result, reference, layout):
+    """Same gradients, grad norm, loss and post-step logprobs as world 1, and the same exported weights."""
+    metrics, got, weights = result
+    ref_metrics, ref, ref_weights = reference
     _assert_same_gradients(metrics["grads"], ref_metrics["grads"], layout)
     assert metrics["train/grad_norm"] == pytest.approx(ref_metrics["train/grad_norm"], rel=1e-5)
     assert metrics["train/pg_loss"] == pytest.approx(ref_metrics["train/pg_loss"], rel=1e-5, abs=1e-7)
+    assert metrics["train/response_tokens"] == ref_metrics["train/response_tokens"]
     worst = max(abs(a - b) for x, y in zip(got, ref) for a, b in zip(x, y))
     assert worst <= 1e-5, f"post-step logprobs differ by {worst:.2e} between world 2 {layout} and world 1"
     # The exported (gathered) weights after the step are the same full tensors.
@@ -101,7 +109,16 @@ def test_world2_matches_world1(world1_reference, tiny_checkpoint, layout):
     # Adam divides by sqrt(v): for near-zero gradients a reduction-order difference in fp32 moves the update by a
     # visible fraction of lr (1e-3); 1e-4 (a tenth of one step) is far below any real layout bug.
     wdiff = max((weights[k] - ref_weights[k]).abs().max().item() for k in weights)
-    assert wdiff <= 1e-4, f"exported weights differ by {wdiff:.2e}"
+    assert wdiff <= 1e-4, f"{layout}: exported weights differ by {wdiff:.2e}"
+
+
+def test_uneven_pipeline_stages_match_world1(world1_reference, tiny_checkpoint):
+    """The tiny model's 3 layers on PP2 as 1 + 2 (Megatron's num_layers_in_first_pipeline_stage; GLM-5's 78
+    layers on PP8 need the same): 1F1B over gloo takes world 1's step, and the offline converter's uneven split
+    matches what each stage loads."""
+    layout = {"pipeline_parallel": 2, "pipeline_first_stage_layers": 1, "micro_batch_size": 2}
+    _assert_same_step(_step_then_logprobs(tiny_checkpoint, _items(), world_size=2, **layout), world1_reference,
+                      layout)
 
 
 @pytest.fixture(scope="module")
@@ -115,18 +132,9 @@ def four_layer_checkpoint(tmp_path_factory):
 def test_pipeline_parallel_2_matches_world1(ray_session, four_layer_checkpoint):
     """PP2 (layers 0-1 | 2-3, Megatron's 1F1B schedule over gloo point-to-point) takes world 1's step."""
     items = _items()
-    ref_metrics, ref, ref_weights = _step_then_logprobs(four_layer_checkpoint, items, world_size=1)
-    metrics, got, weights = _step_then_logprobs(four_layer_checkpoint, items, world_size=2, pipeline_parallel=2,
-                                                micro_batch_size=2)
-    _assert_same_gradients(metrics["grads"], ref_metrics["grads"], "PP2")
-    assert metrics["train/grad_norm"] == pytest.approx(ref_metrics["train/grad_norm"], rel=1e-5)
-    assert metrics["train/pg_loss"] == pytest.approx(ref_metrics["train/pg_loss"], rel=1e-5, abs=1e-7)
-    assert metrics["train/response_tokens"] == ref_metrics["train/response_tokens"]
-    worst = max(abs(a - b) for x, y in zip(got, ref) for a, b in zip(x, y))
-    assert worst <= 1e-5, f"post-step logprobs differ by {worst:.2e} between PP2 and world 1"
-    weights, ref_weights = dict(weights), dict(ref_weights)
-    assert sorted(weights) == sorted(ref_weights)
-    assert max((weights[k] - ref_weights[k]).abs().max().item() for k in weights) <= 1e-4
+    reference = _step_then_logprobs(four_layer_checkpoint, items, world_size=1)
+    result = _step_then_logprobs(four_layer_checkpoint, items, world_size=2, pipeline_parallel=2, micro_batch_size=2)
+    _assert_same_step(result, reference, "PP2")
 
 
 @pytest.mark.parametrize("rate", [0.0, 1e-2])
