@@ -23,7 +23,7 @@ from glm5_model.megatron_config import ParallelLayout
 from glm5_model.model import build_gpt_model
 from glm5_model.parallel import causal_inputs, init_parallel
 from trainer.batching import BatchShape, TrainItem, make_micro_batches
-from trainer.losses import ppo_clip_loss
+from trainer.losses import ppo_clip_loss, truncated_is_weights
 
 
 class TrainRank:
@@ -139,11 +139,17 @@ class TrainRank:
             # One optimizer step per rollout batch: the proximal (old) policy is the current one, so the ratio is
             # 1 at the gradient and its clip only binds once several steps reuse a batch.
             old = logprobs.detach()
+            tis_clip = self.cfg.get("tis_clip", 0.0)
+            weights = truncated_is_weights(old, mb.rollout_logprobs, tis_clip) if tis_clip else None
             terms = ppo_clip_loss(logprobs, old, mb.advantages, mb.loss_mask,
-                                  self.cfg["clip_eps_low"], self.cfg["clip_eps_high"])
+                                  self.cfg["clip_eps_low"], self.cfg["clip_eps_high"], weights)
             stats = {"pg_loss": terms.loss_sum.item(), "clipped": terms.clipped_tokens.item(),
                      "approx_kl": terms.approx_kl_sum.item(), "tokens": mb.loss_mask.sum().item(),
-                     "logprob_abs_diff": ((old - mb.rollout_logprobs).abs() * mb.loss_mask).sum().item()}
+                     "logprob_abs_diff": ((old - mb.rollout_logprobs).abs() * mb.loss_mask).sum().item(),
+                     "tis_weight": 0.0, "tis_truncated": 0.0}
+            if weights is not None:
+                stats["tis_weight"] = (weights * mb.loss_mask).sum().item()
+                stats["tis_truncated"] = ((weights >= tis_clip).to(weights.dtype) * mb.loss_mask).sum().item()
             return terms.loss_sum * scale, stats
 
         per_micro = self._run_schedule(items, shape, loss_fn, forward_only=False)

@@ -55,6 +55,8 @@ class TrainerConfig:
     clip_eps_low: float = 0.2
     clip_eps_high: float = 0.28
     advantage_eps: float = 1e-6
+    # Truncated importance sampling: weight each token by min(pi_old / pi_rollout, tis_clip); 0 = off.
+    tis_clip: float = 0.0
     # Auxiliary-loss-free load balancing of the MoE router's selection bias; 0 keeps the checkpoint's bias.
     moe_router_bias_update_rate: float = 0.0
     seed: int = 1234
@@ -123,6 +125,8 @@ def validate(cfg: RunConfig) -> RunConfig:
            f"must be >= 0, got {t.moe_router_bias_update_rate}")
     _check(0 <= t.clip_eps_low < 1, "trainer.clip_eps_low", f"must be in [0, 1), got {t.clip_eps_low}")
     _check(t.clip_eps_high >= 0, "trainer.clip_eps_high", f"must be >= 0, got {t.clip_eps_high}")
+    _check(t.tis_clip == 0 or t.tis_clip >= 1, "trainer.tis_clip",
+           f"must be 0 (off) or >= 1 (a cap below 1 would down-weight on-policy tokens), got {t.tis_clip}")
     _check(t.world_size % t.expert_parallel == 0, "trainer.expert_parallel",
            f"must divide trainer.world_size ({t.world_size}), got {t.expert_parallel}")
     _check(t.world_size % (t.tensor_parallel * t.pipeline_parallel) == 0, "trainer.tensor_parallel",

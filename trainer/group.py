@@ -64,9 +64,11 @@ class TrainerGroup:
         # Loss statistics exist on the last pipeline stage; tensor-parallel twins report the same numbers.
         reporting = [r for r, info in zip(per_rank, self.info) if info["last_stage"] and info["tp_rank"] == 0]
         total = {k: sum(r[k] for r in reporting) for k in ("pg_loss", "clipped", "approx_kl", "tokens",
-                                                           "logprob_abs_diff")}
+                                                           "logprob_abs_diff", "tis_weight", "tis_truncated")}
         tokens = max(total["tokens"], 1.0)
-        return {
+        tis = {"train/tis_weight_mean": total["tis_weight"] / tokens,
+               "train/tis_truncated_frac": total["tis_truncated"] / tokens} if self.cfg.tis_clip else {}
+        return {**tis,
             "train/pg_loss": total["pg_loss"] / tokens,
             "train/pg_clipfrac": total["clipped"] / tokens,
             "train/ppo_kl": total["approx_kl"] / tokens,

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from trainer.batching import TrainItem, make_micro_batches, plan_shape, shard_items
-from trainer.losses import grpo_advantages, ppo_clip_loss
+from trainer.losses import grpo_advantages, ppo_clip_loss, truncated_is_weights
 
 
 def test_grpo_advantages_normalise_within_groups():
@@ -37,6 +37,20 @@ def test_ppo_gradient_is_advantage_weighted_logprob_gradient_on_policy():
     terms = ppo_clip_loss(logprobs, logprobs.detach(), adv, torch.ones(1, 2), 0.2, 0.28)
     terms.loss_sum.backward()
     assert torch.allclose(logprobs.grad, -adv)
+
+
+def test_truncated_is_weights_scale_each_token_gradient():
+    old = torch.log(torch.tensor([[0.5, 0.5, 0.9]]))
+    rollout = torch.log(torch.tensor([[0.5, 0.1, 0.9]]))  # the engine saw token 1 as much less likely
+    weights = truncated_is_weights(old, rollout, clip=2.0)
+    # ratios 1, 5 (truncated to 2), 1
+    assert torch.allclose(weights, torch.tensor([[1.0, 2.0, 1.0]]))
+    logprobs = old.clone().requires_grad_(True)
+    adv = torch.tensor([[1.0, 1.0, -1.0]])
+    terms = ppo_clip_loss(logprobs, logprobs.detach(), adv, torch.ones(1, 3), 0.2, 0.28, weights)
+    terms.loss_sum.backward()
+    assert torch.allclose(logprobs.grad, -adv * weights)
+    assert not weights.requires_grad
 
 
 def _items():
