@@ -215,6 +215,39 @@ class TrainRank:
         dist.all_gather(parts, tensor.contiguous(), group=group)
         return tp_merge(parts, param)
 
+    def save_state(self, path: str) -> str:
+        """This rank's training state (weights, optimizer moments and step counts, RNG) for resuming with the same
+        layout. The HF export (save_hf_checkpoint) is the layout-free format; this one keeps Adam's moments."""
+        target = Path(path) / f"rank_{self.rank:03d}.pt"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        state = {"layout": dataclasses.asdict(self.layout), "world_size": self.world_size,
+                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "torch_rng": torch.get_rng_state(),
+                 "cuda_rng": torch.cuda.get_rng_state_all() if cuda_available() else None}
+        tmp = target.with_name(target.name + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, target)  # a crash mid-write leaves the previous file, never a torn one
+        return str(target)
+
+    def load_state(self, path: str) -> None:
+        source = Path(path) / f"rank_{self.rank:03d}.pt"
+        if not source.exists():
+            raise FileNotFoundError(f"{source}: no training state for rank {self.rank} of {self.world_size} "
+                                    "(saved with a different trainer.world_size?)")
+        state = torch.load(source, map_location=self.device, weights_only=False)
+        now = dataclasses.asdict(self.layout)
+        if state["layout"] != now or state["world_size"] != self.world_size:
+            changed = {k: f"{state['layout'].get(k)} -> {now[k]}" for k in now if state["layout"].get(k) != now[k]}
+            raise ValueError(f"{source}: saved with world_size {state['world_size']} and a different parallel "
+                             f"layout ({changed or 'same layout'}); resume with the saved trainer.world_size / "
+                             "tensor_parallel / pipeline_parallel / expert_parallel, or start from its HF export")
+        self.model.load_state_dict(state["model"])
+        with cpu_device_scope():
+            self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] is not None and cuda_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+
     def save_hf_checkpoint(self, path: str) -> str | None:
         """Writes an HF-format checkpoint directory (collective; rank 0 writes)."""
         named = self.export_hf_weights()

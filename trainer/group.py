@@ -85,6 +85,13 @@ class TrainerGroup:
         ray.wait(refs, num_returns=len(refs))
         return refs[0]
 
+    def save_state(self, path: str) -> None:
+        """Every rank's training state under `path` (rank_NNN.pt), for resuming with the same layout."""
+        ray.get([r.save_state.remote(path) for r in self.ranks])
+
+    def load_state(self, path: str) -> None:
+        ray.get([r.load_state.remote(path) for r in self.ranks])
+
     def save_hf_checkpoint(self, path: str) -> str:
         return ray.get([r.save_hf_checkpoint.remote(path) for r in self.ranks])[0]
 
