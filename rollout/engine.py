@@ -1,15 +1,17 @@
 """The rollout engine: one SGLang engine (token ids in, token ids + sampling logprobs out) with weight updates.
 
 `SGLangEngine` is a plain class usable in-process; `RolloutEngineActor` is the same class as a Ray actor
-(`RolloutEngineActor.options(num_cpus=...).remote(model_path, ...)`). The actor is threaded so `abort()` can
-arrive while a `generate()` call is running; all other calls are serialised by a lock (SGLang's sync Engine API
-drives one asyncio loop that must not be entered twice).
+(`RolloutEngineActor.options(num_cpus=...).remote(model_path, ...)`). The actor is threaded so `abort()` and
+`finished_rids()` can arrive while a `generate()` call is running; all other calls are serialised by a lock
+(SGLang's sync Engine API drives one asyncio loop that must not be entered twice).
 
 On a machine without CUDA the engine runs on CPU through our out-of-tree SGLang platform
 (rollout/sglang_cpu/platform.py) and the patches it needs for GLM-5 (rollout/sglang_cpu/patches.py).
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
 import json
 import logging
@@ -47,6 +49,9 @@ class SGLangEngine:
                  start_timeout_s: float = ENGINE_START_TIMEOUT_S):
         self._lock = threading.Lock()
         self._version = 0
+        # rids of the current (or last) generate() call that have finished, readable without self._lock.
+        self._finished_lock = threading.Lock()
+        self._finished: set[str] = set()
         self.model_path = str(model_path)
         self._vocab_size = int(json.loads((Path(self.model_path) / "config.json").read_text())["vocab_size"])
         self.on_cpu = not torch.cuda.is_available()
@@ -57,21 +62,38 @@ class SGLangEngine:
         if self.on_cpu:
             # sleep_on_idle: an idle scheduler otherwise busy-polls a whole core, starving the trainer beside it.
             kwargs.update(device="cpu", attention_backend="torch_native", disable_cuda_graph=True, sleep_on_idle=True)
-        self._engine = _start_engine(kwargs, start_timeout_s)
+        self._engine, self._engine_pids = _start_engine(kwargs, start_timeout_s)
 
     # ------------------------------------------------------------------ generation
     def generate(self, requests: list[dict]) -> list[dict]:
         """Samples a completion per request. Each result carries the logprob of every generated token under the
         distribution it was sampled from (SGLang applies the temperature, not top-p/top-k), and the weight
-        version that produced it."""
+        version that produced it. An aborted request returns the tokens (and logprobs) it had generated.
+
+        The requests go to SGLang one by one, concurrently on the engine's loop (its scheduler still batches
+        them), so each one's completion is seen as it happens: `finished_rids()` lists them while this runs."""
         if not requests:
             return []
         rids = [str(r.get("rid") or uuid.uuid4().hex) for r in requests]
+        if len(set(rids)) != len(rids):
+            raise ValueError("duplicate rids in one generate() call")
         input_ids = [[int(t) for t in r["input_ids"]] for r in requests]
         params = [dict(r.get("sampling_params") or {}) for r in requests]
+        finished: set[str] = set()
+
+        def mark_finished(rid: str) -> None:
+            with self._finished_lock:
+                finished.add(rid)
+
         with self._lock:
-            out = self._engine.generate(input_ids=input_ids, sampling_params=params, return_logprob=True, rid=rids)
+            with self._finished_lock:
+                self._finished = finished
+            out = self._engine.loop.run_until_complete(
+                _generate_each(self._engine, input_ids, params, rids, mark_finished))
             version = self._version
+        failed = [o for o in out if isinstance(o, BaseException)]
+        if failed:
+            raise failed[0]
         results = []
         for o in out:
             meta = o["meta_info"]
@@ -82,6 +104,12 @@ class SGLangEngine:
                             "finish_reason": _finish_reason(meta.get("finish_reason")), "text": o.get("text", ""),
                             "weight_version": version})
         return results
+
+    def finished_rids(self) -> list[str]:
+        """rids of the running (or last) generate() call that finished on their own (stop or length; aborted
+        ones are not listed). Never waits for generate(): it is the driver's window into a running batch."""
+        with self._finished_lock:
+            return sorted(self._finished)
 
     def score(self, input_ids: list[list[int]], prompt_lens: list[int]) -> list[list[float]]:
         """Logprobs (temperature 1) of tokens input_ids[i][prompt_lens[i]:], each given all tokens before it.
@@ -123,14 +151,15 @@ class SGLangEngine:
         Safe to call from another thread while generate() runs: the abort is handed to the engine's event loop
         (the thread running generate) instead of touching its sockets from here. Weight updates wait for an
         in-flight generate() to return, so a driver that wants fresh weights now calls abort() first. An abort
-        that arrives before SGLang has registered the request is dropped."""
+        that arrives before SGLang has registered the request is dropped, and so is one while the loop is idle:
+        requests are only in flight while a call runs the loop, and sending from this thread could race a call
+        that is just starting on the same (not thread-safe) ZMQ socket. A driver that must stop a batch repeats
+        abort() until its generate() returns."""
         tm = self._engine.tokenizer_manager
         args = dict(abort_all=True) if rid is None else dict(rid=str(rid))
         loop = self._engine.loop
         if loop.is_running():
             loop.call_soon_threadsafe(lambda: tm.abort_request(**args))
-        else:
-            tm.abort_request(**args)
 
     # ------------------------------------------------------------------ weights
     def update_weights_from_tensors(self, named_tensors: list[tuple[str, torch.Tensor]], version: int) -> None:
@@ -158,7 +187,8 @@ class SGLangEngine:
     def shutdown(self) -> None:
         engine, self._engine = getattr(self, "_engine", None), None
         if engine is not None:
-            engine.shutdown()
+            with _kills_only(self._engine_pids):
+                engine.shutdown()
 
     def _flush_cache(self) -> None:
         # Right after a generation the scheduler may still hold requests and refuse to flush ("Cache flush
@@ -169,6 +199,20 @@ class SGLangEngine:
                 return
             time.sleep(0.1 * (attempt + 1))
         raise RuntimeError(f"SGLang flush_cache kept failing: {getattr(result, 'message', result)}")
+
+
+async def _generate_each(engine, input_ids: list[list[int]], params: list[dict], rids: list[str],
+                         on_finished) -> list:
+    """One SGLang request per sample, all in flight together. A module function, not a method: an async method
+    would make Ray run the actor as an async actor, whose own event loop then blocks SGLang's."""
+    async def one(ids: list[int], sampling_params: dict, rid: str):
+        o = await engine.async_generate(input_ids=ids, sampling_params=sampling_params, return_logprob=True, rid=rid)
+        if _finish_reason(o["meta_info"].get("finish_reason")) != "abort":
+            on_finished(rid)
+        return o
+
+    # return_exceptions: one bad request must not leave the others running on the loop after we return.
+    return await asyncio.gather(*(one(i, p, r) for i, p, r in zip(input_ids, params, rids)), return_exceptions=True)
 
 
 def _finish_reason(info) -> str:
@@ -223,14 +267,55 @@ def _start_engine(kwargs: dict, timeout_s: float):
                                    "SLIPSTREAM_ENGINE_START_TIMEOUT_S to change); its processes were killed") from exc
         raise EngineStartError(f"{what} failed to start: {exc}") from exc
     done.set()
+    owned = {p.pid for p in me.children(recursive=True)} - before
     if timed_out.is_set():  # came up, but only after the watchdog had started killing: not trustworthy
         try:
-            engine.shutdown()
+            with _kills_only(owned):
+                engine.shutdown()
         finally:
             _kill_new_children(me, before)
         raise EngineStartError(f"{what} did not start within {timeout_s:.0f}s")
     logger.info("%s ready in %.1fs", what, time.monotonic() - t0)
-    return engine
+    return engine, owned
+
+
+_KILL_PATCH_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _kills_only(owned: set[int]):
+    """SGLang's Engine.shutdown() kills *every* child process of the calling process, not only its scheduler and
+    detokenizer: in a process that also runs a Ray head (a test session, a user's script) or another engine, it
+    killed those too (seen: the Ray GCS started by the test session died with an in-process engine, and the test
+    run with it). While this is active its kill reaches only the engine's own processes and their descendants."""
+    import sglang.srt.entrypoints.engine as sglang_engine
+
+    original = sglang_engine.kill_process_tree
+    me = psutil.Process()
+
+    def kill_process_tree(parent_pid, include_parent=True, skip_pid=None, wait_timeout=60):
+        if parent_pid != os.getpid() or include_parent:
+            return original(parent_pid, include_parent=include_parent, skip_pid=skip_pid, wait_timeout=wait_timeout)
+        victims = []
+        for child in me.children(recursive=True):
+            try:
+                if child.pid in owned or any(p.pid in owned for p in child.parents()):
+                    victims.append(child)
+            except psutil.NoSuchProcess:
+                continue
+        for child in victims:
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(victims, timeout=wait_timeout or 5)
+
+    with _KILL_PATCH_LOCK:
+        sglang_engine.kill_process_tree = kill_process_tree
+        try:
+            yield
+        finally:
+            sglang_engine.kill_process_tree = original
 
 
 def _live_zmq_contexts() -> set:

@@ -1,6 +1,7 @@
 """One rollout sample: what the engine generated, with what policy, and how it was scored."""
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +29,9 @@ class Sample:
     prompt: Any = None                      # chat messages or text, for rewards and logs
     label: Any = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    # Total response budget of this sample; None means the run's max_new_tokens. Kept on the sample so a
+    # resumed response gets exactly the budget it has left.
+    max_new_tokens: int | None = None
     response_ids: list[int] = field(default_factory=list)
     response_logprobs: list[float] = field(default_factory=list)
     response_versions: list[int] = field(default_factory=list)
@@ -48,6 +52,21 @@ class Sample:
     def response_length(self) -> int:
         return len(self.response_ids)
 
+    @property
+    def finished(self) -> bool:
+        """Done generating: stopped, or used its whole budget. Aborted and pending samples still have work."""
+        return self.status in (SampleStatus.COMPLETED, SampleStatus.TRUNCATED)
+
+    @property
+    def oldest_version(self) -> int | None:
+        return min(self.response_versions) if self.response_versions else None
+
+    def reset_response(self) -> None:
+        """Back to the bare prompt, to be generated again from scratch."""
+        self.response_ids, self.response_logprobs, self.response_versions = [], [], []
+        self.response_text, self.status = "", SampleStatus.PENDING
+        self.reward, self.reward_components = None, {}
+
     def append_response(self, ids: list[int], logprobs: list[float], version: int) -> None:
         if len(ids) != len(logprobs):
             raise ValueError(f"sample group {self.group_id}/{self.index_in_group}: "
@@ -55,3 +74,25 @@ class Sample:
         self.response_ids.extend(ids)
         self.response_logprobs.extend(logprobs)
         self.response_versions.extend([version] * len(ids))
+
+
+def sample_to_dict(sample: Sample) -> dict[str, Any]:
+    """Plain JSON-serialisable data (the status as its string value); `prompt`, `label` and `metadata` must be
+    JSON-serialisable themselves, which rows from the data loader are."""
+    d = dataclasses.asdict(sample)
+    d["status"] = sample.status.value
+    return d
+
+
+def sample_from_dict(data: dict[str, Any]) -> Sample:
+    names = {f.name for f in dataclasses.fields(Sample)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"sample dict has unknown fields {unknown}")
+    fields = dict(data)
+    fields["status"] = SampleStatus(fields.get("status", SampleStatus.PENDING.value))
+    sample = Sample(**fields)
+    if not len(sample.response_ids) == len(sample.response_logprobs) == len(sample.response_versions):
+        raise ValueError(f"sample group {sample.group_id}/{sample.index_in_group}: {len(sample.response_ids)} "
+                         f"tokens, {len(sample.response_logprobs)} logprobs, {len(sample.response_versions)} versions")
+    return sample

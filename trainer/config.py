@@ -33,6 +33,11 @@ class RolloutConfig:
     max_total_tokens: int = 16384  # KV-cache size per engine; SGLang would otherwise take most of RAM on CPU
     engine_start_timeout_s: float = 300.0
     engine_cpus: float = 1.0
+    # APRIL (rollout/april.py): over-sample prompt groups, abort the stragglers once prompts_per_step groups
+    # finished, resume their partial responses next step from a buffer (docs/design.md, "Partial rollouts").
+    partial_rollout: bool = False
+    over_sample_prompts: int = 0  # extra groups started per step (only with partial_rollout)
+    max_staleness: int = 1  # a buffered token may be at most this many weight versions old, else regenerated
 
 
 @dataclass
@@ -120,6 +125,10 @@ def validate(cfg: RunConfig) -> RunConfig:
            f"GRPO needs at least 2 samples per prompt to normalise within a group, got {r.samples_per_prompt}")
     _check(r.temperature > 0, "rollout.temperature", f"must be > 0, got {r.temperature}")
     _check(0 < r.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {r.top_p}")
+    _check(r.over_sample_prompts >= 0, "rollout.over_sample_prompts", f"must be >= 0, got {r.over_sample_prompts}")
+    _check(r.max_staleness >= 0, "rollout.max_staleness", f"must be >= 0, got {r.max_staleness}")
+    _check(r.partial_rollout or r.over_sample_prompts == 0, "rollout.over_sample_prompts",
+           "only takes effect with rollout.partial_rollout=true")
     _check(t.lr > 0, "trainer.lr", f"must be > 0, got {t.lr}")
     _check(t.moe_router_bias_update_rate >= 0, "trainer.moe_router_bias_update_rate",
            f"must be >= 0, got {t.moe_router_bias_update_rate}")

@@ -13,9 +13,11 @@ import torch
 from glm5_model.hf_checkpoint import ensure_checkpoint
 from glm5_model.tokenizer.build import stop_token_ids
 from rewards import RewardRunner, RewardSpec, RunnerSettings, reward_batch_metrics
-from rollout.data import PromptSource, load_data, make_source, render_prompt
+from rollout.april import generate_april
+from rollout.buffer import RolloutBufferActor
+from rollout.data import DataExhausted, PromptSource, load_data, make_source, render_prompt
 from rollout.engine import RolloutEngineActor
-from rollout.generation import SamplingSettings, generate_groups, score_samples
+from rollout.generation import SamplingSettings, generate_groups, make_group, score_samples
 from rollout.sample import Sample
 from trainer.batching import TrainItem
 from trainer.config import RunConfig, resolve_path
@@ -36,6 +38,10 @@ class Runtime:
         self.settings = SamplingSettings(cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p,
                                          tuple(stop_token_ids(tokenizer)))
         self.output_dir = resolve_path(cfg.output_dir)
+        # APRIL: partial groups live in an actor between steps (see rollout/april.py).
+        self.buffer = (RolloutBufferActor.options(num_cpus=0).remote(cfg.rollout.max_staleness)
+                       if cfg.rollout.partial_rollout else None)
+        self._april_metrics: dict[str, float] = {}
 
     @classmethod
     def start(cls, cfg: RunConfig) -> "Runtime":
@@ -59,10 +65,29 @@ class Runtime:
         return cls(cfg, checkpoint, engines, trainer, tokenizer, make_source(cfg.data, data.train), wandb_run)
 
     def generate(self, step: int) -> list[Sample]:
-        rows = self.data.next_batch(self.cfg.rollout.prompts_per_step)
-        prompt_ids = [render_prompt(self.tokenizer, r) for r in rows]
-        return generate_groups(self.engines, rows, prompt_ids, self.cfg.rollout.samples_per_prompt, self.settings,
-                               first_group_id=step * len(rows))
+        r = self.cfg.rollout
+        if self.buffer is None:
+            rows = self.data.next_batch(r.prompts_per_step)
+            prompt_ids = [render_prompt(self.tokenizer, row) for row in rows]
+            return generate_groups(self.engines, rows, prompt_ids, r.samples_per_prompt, self.settings,
+                                   first_group_id=step * len(rows))
+        per_step = r.prompts_per_step + r.over_sample_prompts
+
+        def new_groups(n: int) -> list[list[Sample]]:
+            # Group ids stay unique across steps: a step starts at most `per_step` fresh groups.
+            rows = self.data.next_batch(n) if n and not self.data.exhausted else []
+            return [make_group(row, render_prompt(self.tokenizer, row), step * per_step + i, r.samples_per_prompt)
+                    for i, row in enumerate(rows)]
+
+        result = generate_april(self.engines, self.buffer, new_groups, self.settings,
+                                target_groups=r.prompts_per_step, over_sample_groups=r.over_sample_prompts,
+                                version=step,
+                                decode=lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True))
+        if not result.samples:
+            raise DataExhausted("no prompt group finished: the data is exhausted and the partial-rollout buffer "
+                                "has nothing left to finish")
+        self._april_metrics = {f"rollout/april/{k}": v for k, v in result.metrics.items()}
+        return result.samples
 
     def score(self, samples: list[Sample]) -> None:
         score_samples(samples, self.rewards)
@@ -91,6 +116,7 @@ class Runtime:
             metrics[f"reward/{key}"] = statistics.fmean(values)
         for term in self.cfg.reward.terms():
             metrics.update(reward_batch_metrics_for(term.name, [s.reward_components for s in samples]))
+        metrics.update(self._april_metrics)
         return metrics
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
@@ -99,7 +125,7 @@ class Runtime:
               f"resp_len {metrics['rollout/response_len/mean']:.1f} "
               f"|train-rollout logp| {metrics['train/train_rollout_logprob_abs_diff']:.2e} "
               f"rollout {metrics['perf/rollout_time']:.1f}s train {metrics['perf/train_time']:.1f}s "
-              f"sync {metrics['perf/update_weights_time']:.1f}s", flush=True)
+              f"sync {metrics['perf/update_weights_time']:.1f}s{_april_summary(metrics)}", flush=True)
         if self.wandb_run is not None:
             self.wandb_run.log({**metrics, "train/step": step + 1, "rollout/step": step + 1})
 
@@ -115,6 +141,14 @@ class Runtime:
             if self.wandb_run is not None:
                 self.wandb_run.finish()
             ray.shutdown()
+
+
+def _april_summary(metrics: dict[str, float]) -> str:
+    if "rollout/april/groups_resumed" not in metrics:
+        return ""
+    return (f" | april resumed {metrics['rollout/april/groups_resumed']:.0f} "
+            f"aborted {metrics['rollout/april/aborted_samples']:.0f} "
+            f"buffered {metrics['rollout/april/buffer/buffered_groups']:.0f}")
 
 
 def reward_batch_metrics_for(name: str, components: list[dict[str, float]]) -> dict[str, float]:

@@ -62,6 +62,8 @@ RELIED_ON_NAMES: dict[tuple[str, str], str] = {
     ("sglang.srt.plugins", "GENERAL_PLUGINS_GROUP"): "the patches entry point in pyproject.toml",
     ("sglang.srt.entrypoints.engine", "Engine"): "rollout/engine.py",
     ("sglang.srt.managers.tokenizer_manager", "TokenizerManager"): "rollout/engine.py (abort_request)",
+    ("sglang.srt.entrypoints.engine", "kill_process_tree"): "rollout/engine.py (shutdown kills only its own "
+                                                            "processes)",
 }
 
 _lock = threading.Lock()

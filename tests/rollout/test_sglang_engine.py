@@ -170,16 +170,74 @@ def test_abort_long_request_then_serve(engine):
     assert ok["finish_reason"] in ("stop", "length") and len(ok["output_ids"]) > 0
 
 
-def test_engine_in_ray_actor(tiny_checkpoint):
-    import ray
+def test_finished_rids_while_running_and_partial_abort(engine):
+    """finished_rids() sees the short requests of a running batch finish while the long one still runs (and is
+    callable while generate() holds the engine); the aborted long request returns its partial tokens with
+    logprobs that are the real sampling logprobs (equal to a prefill score of the same tokens)."""
+    prompts = _prompts(3, seed=8)
+    reqs = [{"input_ids": p, "rid": f"batch-{i}",
+             "sampling_params": {"max_new_tokens": n, "temperature": 1.0, "ignore_eos": True}}
+            for i, (p, n) in enumerate(zip(prompts, [3, 5, 1800]))]
+    box: dict = {}
+    worker = threading.Thread(target=lambda: box.setdefault("out", engine.generate(reqs)))
+    t0 = time.monotonic()
+    worker.start()
+    seen: list[str] = []
+    while time.monotonic() - t0 < 60 and set(seen) != {"batch-0", "batch-1"}:
+        seen = engine.finished_rids()
+        time.sleep(0.05)
+    assert set(seen) == {"batch-0", "batch-1"}, f"short requests not reported finished: {seen}"
+    assert worker.is_alive(), "the long request should still be generating"
+    time.sleep(0.3)  # let it generate a few more tokens
+    while worker.is_alive() and time.monotonic() - t0 < 120:
+        engine.abort()
+        worker.join(timeout=0.5)
+    assert not worker.is_alive(), "generate() did not return after abort"
+    short_a, short_b, long = box["out"]
+    assert [short_a["finish_reason"], short_b["finish_reason"]] == ["length", "length"]
+    assert [len(short_a["output_ids"]), len(short_b["output_ids"])] == [3, 5]
+    assert long["finish_reason"] == "abort"
+    assert "batch-2" not in engine.finished_rids()
+    n = len(long["output_ids"])
+    assert 5 < n < 1800, f"aborted request returned {n} tokens"
+    assert len(long["output_logprobs"]) == n
+    (scored,) = engine.score([prompts[2] + long["output_ids"]], [len(prompts[2])])
+    diff = (torch.tensor(scored) - torch.tensor(long["output_logprobs"])).abs()
+    print(f"\naborted after {n} tokens; partial logprobs vs prefill score: max abs diff {diff.max():.2e}")
+    assert diff.max() <= 1e-4
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+
+def test_engine_in_ray_actor(ray_session, tiny_checkpoint):
+    # The session's Ray (tests/conftest.py): a second ray.init here would fail once another module started it,
+    # and shutting it down would pull it from under the tests that follow.
+    ray = ray_session
+    actor = RolloutEngineActor.options(num_cpus=1).remote(str(tiny_checkpoint), max_total_tokens=4096)
     try:
-        actor = RolloutEngineActor.options(num_cpus=1).remote(str(tiny_checkpoint), max_total_tokens=4096)
         results = ray.get(actor.generate.remote(_requests(_prompts(2, seed=7), max_new_tokens=8)), timeout=300)
         assert len(results) == 2
         assert all(len(r["output_ids"]) == len(r["output_logprobs"]) > 0 for r in results)
         assert ray.get(actor.weight_version.remote()) == 0
-        ray.get(actor.shutdown.remote(), timeout=120)
     finally:
-        ray.shutdown()
+        ray.get(actor.shutdown.remote(), timeout=120)
+        ray.kill(actor)
+
+
+def test_shutdown_spares_unrelated_children(engine):
+    """SGLang's own shutdown kills every child of the calling process; ours must reach only the engine's
+    processes (in a test session the Ray head is such an unrelated child). Runs last in this module: it shuts
+    the module's engine down (the fixture's second shutdown is a no-op)."""
+    import subprocess
+
+    import psutil
+
+    bystander = subprocess.Popen(["sleep", "120"])
+    try:
+        own = [psutil.Process(pid) for pid in engine._engine_pids if psutil.pid_exists(pid)]
+        assert own, "the engine recorded no processes of its own"
+        engine.shutdown()
+        assert bystander.poll() is None, "engine shutdown killed an unrelated child process"
+        gone, alive = psutil.wait_procs(own, timeout=10)
+        assert not alive, f"engine processes still running after shutdown: {[p.pid for p in alive]}"
+    finally:
+        bystander.kill()
+        bystander.wait()
