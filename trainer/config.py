@@ -101,6 +101,16 @@ class LoggingConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    # Save the run (trainer state, data cursor, partial-rollout buffer, step) every N steps and after the last
+    # step; 0 = never. Written to <output_dir>/checkpoints (trainer/run_checkpoint.py).
+    save_interval: int = 0
+    # Continue from <output_dir>/checkpoints/latest when it exists.
+    resume: bool = True
+    keep_last: int = 2
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -108,6 +118,7 @@ class RunConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     data: DataConfig = field(default_factory=DataConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     output_dir: str = "outputs/run"
 
 
@@ -130,6 +141,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(r.partial_rollout or r.over_sample_prompts == 0, "rollout.over_sample_prompts",
            "only takes effect with rollout.partial_rollout=true")
     _check(t.lr > 0, "trainer.lr", f"must be > 0, got {t.lr}")
+    _check(cfg.checkpoint.save_interval >= 0, "checkpoint.save_interval",
+           f"must be >= 0 (0 = never), got {cfg.checkpoint.save_interval}")
+    _check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", f"must be >= 1, got {cfg.checkpoint.keep_last}")
     _check(t.moe_router_bias_update_rate >= 0, "trainer.moe_router_bias_update_rate",
            f"must be >= 0, got {t.moe_router_bias_update_rate}")
     _check(0 <= t.clip_eps_low < 1, "trainer.clip_eps_low", f"must be in [0, 1), got {t.clip_eps_low}")

@@ -1,4 +1,4 @@
-"""The RL loop on one screen: generate -> reward -> train -> sync weights -> log.
+"""The RL loop on one screen: generate -> reward -> train -> sync weights -> log -> checkpoint.
 
     python -m trainer.main +experiment=quickstart [overrides...]
 
@@ -24,7 +24,8 @@ def run(cfg: RunConfig) -> dict[str, float]:
     rt = Runtime.start(cfg)
     metrics: dict[str, float] = {}
     try:
-        for step in range(cfg.trainer.num_steps):
+        start = rt.resume()                                  # the newest run checkpoint, if any; else step 0
+        for step in range(start, cfg.trainer.num_steps):
             t0 = time.perf_counter()
             samples = rt.generate(step)                      # rollout with weight version `step`
             rt.score(samples)                                # rewards (async plugins)
@@ -37,6 +38,7 @@ def run(cfg: RunConfig) -> dict[str, float]:
             metrics.update({"perf/rollout_time": t1 - t0, "perf/train_time": t2 - t1,
                             "perf/update_weights_time": t3 - t2})
             rt.log(step, metrics)
+            rt.save_checkpoint(step)                         # every checkpoint.save_interval steps
         rt.save_final()
     finally:
         rt.shutdown()
@@ -53,6 +55,9 @@ def main(hydra_cfg: DictConfig) -> None:
         sys.exit(2)
     try:
         run(cfg)
+    except ConfigError as exc:  # a checkpoint the config cannot resume (another layout, a dropped buffer)
+        print(f"config error: {exc}", file=sys.stderr)
+        sys.exit(2)
     except DataError as exc:  # bad rows in strict mode (before Ray starts), or a cursor that does not fit
         print(f"data error: {exc}", file=sys.stderr)
         sys.exit(2)

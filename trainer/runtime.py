@@ -20,17 +20,19 @@ from rollout.engine import RolloutEngineActor
 from rollout.generation import SamplingSettings, generate_groups, make_group, score_samples
 from rollout.sample import Sample
 from trainer.batching import TrainItem
-from trainer.config import RunConfig, resolve_path
+from trainer.config import ConfigError, RunConfig, resolve_path
 from trainer.group import TrainerGroup
 from trainer.losses import grpo_advantages
+from trainer.run_checkpoint import check_resumable, latest_checkpoint, read_run_state, save_checkpoint
 
 log = logging.getLogger("slipstream")
 
 
 class Runtime:
     def __init__(self, cfg: RunConfig, checkpoint: Path, engines: list, trainer: TrainerGroup, tokenizer,
-                 data: PromptSource, wandb_run):
+                 data: PromptSource, wandb_run, resume_from: Path | None = None):
         self.cfg, self.checkpoint, self.engines, self.trainer = cfg, checkpoint, engines, trainer
+        self.resume_from = resume_from
         self.tokenizer, self.data, self.wandb_run = tokenizer, data, wandb_run
         r = cfg.reward
         self.rewards = RewardRunner([RewardSpec(t.name, t.weight, t.kwargs) for t in r.terms()],
@@ -50,6 +52,10 @@ class Runtime:
         checkpoint = ensure_checkpoint(cfg.model.preset, resolve_path(cfg.model.checkpoint_dir), cfg.model.init_seed)
         tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
         data = load_data(cfg.data, tokenizer)  # the validation pass: strict mode stops here, before Ray starts
+        resume_from = latest_checkpoint(resolve_path(cfg.output_dir)) if cfg.checkpoint.resume else None
+        saved = read_run_state(resume_from) if resume_from else None
+        if saved is not None:
+            check_resumable(resume_from, saved, cfg.rollout.partial_rollout)
         if not ray.is_initialized():
             needed = cfg.rollout.num_engines * cfg.rollout.engine_cpus + cfg.trainer.world_size * cfg.trainer.cpus_per_rank
             # Logical CPUs: actors mostly wait on each other, so we let them share the physical cores.
@@ -61,8 +67,38 @@ class Runtime:
                    for i in range(cfg.rollout.num_engines)]
         trainer = TrainerGroup(cfg.trainer, str(checkpoint), layer_spec=cfg.model.layer_spec)
         ray.get([e.weight_version.remote() for e in engines])  # engines are up
-        wandb_run = _init_wandb(cfg)
-        return cls(cfg, checkpoint, engines, trainer, tokenizer, make_source(cfg.data, data.train), wandb_run)
+        wandb_run = _init_wandb(cfg, resume_id=saved.get("wandb_run_id") if saved else None)
+        return cls(cfg, checkpoint, engines, trainer, tokenizer, make_source(cfg.data, data.train), wandb_run,
+                   resume_from)
+
+    def resume(self) -> int:
+        """Restores the newest run checkpoint, if resuming: trainer state, data cursor and partial-rollout buffer,
+        and pushes the restored weights to the engines. Returns the step to continue from (0 for a fresh run)."""
+        if self.resume_from is None:
+            return 0
+        state = read_run_state(self.resume_from)
+        try:
+            self.trainer.load_state(str(self.resume_from / "trainer"))
+        except ray.exceptions.RayTaskError as exc:  # e.g. saved with another layout: the rank names the fields
+            raise ConfigError(f"trainer: cannot resume from {self.resume_from}: {getattr(exc, 'cause', exc)}") from exc
+        self.data.load_state(state["data"])
+        if self.buffer is not None and state.get("buffer") is not None:  # (Runtime.start checked the opposite)
+            ray.get(self.buffer.load_state_dict.remote(state["buffer"]))
+        self.sync_weights(state["weight_version"])
+        print(f"resumed from {self.resume_from} at step {state['next_step'] + 1}", flush=True)
+        return state["next_step"]
+
+    def save_checkpoint(self, step: int) -> None:
+        """A run checkpoint after `step` (0-based) every checkpoint.save_interval steps and after the last one."""
+        interval, last = self.cfg.checkpoint.save_interval, self.cfg.trainer.num_steps
+        if not interval or ((step + 1) % interval and step + 1 != last):
+            return
+        run_state = {"weight_version": step + 1, "data": self.data.state(),
+                     "buffer": ray.get(self.buffer.state_dict.remote()) if self.buffer is not None else None,
+                     "wandb_run_id": self.wandb_run.id if self.wandb_run is not None else None}
+        path = save_checkpoint(self.output_dir, step + 1, run_state, lambda d: self.trainer.save_state(str(d)),
+                               self.cfg.checkpoint.keep_last)
+        log.info("run checkpoint: %s", path)
 
     def generate(self, step: int) -> list[Sample]:
         r = self.cfg.rollout
@@ -162,15 +198,17 @@ def reward_batch_metrics_for(name: str, components: list[dict[str, float]]) -> d
     return {f"reward/{name}/{k}": float(v) for k, v in fn(own).items()}
 
 
-def _init_wandb(cfg: RunConfig):
+def _init_wandb(cfg: RunConfig, resume_id: str | None = None):
     if cfg.logging.wandb_mode == "disabled":
         return None
     import wandb
 
     wandb_dir = resolve_path(cfg.logging.dir)
     wandb_dir.mkdir(parents=True, exist_ok=True)
+    # A resumed run keeps logging into the same W&B run (offline runs sync as one run too).
     run = wandb.init(project=cfg.logging.project, name=cfg.logging.run_name, mode=cfg.logging.wandb_mode,
-                     dir=str(wandb_dir), config=dataclasses.asdict(cfg))
+                     dir=str(wandb_dir), config=dataclasses.asdict(cfg), id=resume_id,
+                     resume="allow" if resume_id else None)
     for axis in ("train", "rollout", "reward", "perf"):
         run.define_metric(f"{axis}/*", step_metric="train/step" if axis == "train" or axis == "perf"
                           else "rollout/step")
