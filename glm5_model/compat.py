@@ -1,5 +1,5 @@
-"""Megatron-core on a CPU-only machine: the small set of shims it needs, installed only when CUDA is absent
-(except the Hadamard fallback, which a GPU without the fast_hadamard_transform kernel needs too).
+"""Megatron-core without CUDA, TransformerEngine or the Hadamard kernel: the small set of shims it needs, each
+group installed only where its piece is missing (a GPU without TransformerEngine needs the last two groups too).
 
 megatron-core (pinned 0.16.1) assumes CUDA in a few places that have nothing to do with the math: RNG state
 tracking, `torch.cuda.current_device()` as an allocation device, an optional TransformerEngine GEMM, and an
@@ -41,12 +41,13 @@ def cuda_available() -> bool:
 def param_device(config) -> torch.device | None:
     """Where a module outside Megatron's own layers allocates its parameters: Megatron's choice (the current GPU
     unless use_cpu_initialization); None keeps the ambient default, so a build under torch.device("meta") is free."""
-    return None if getattr(config, "use_cpu_initialization", True) else torch.device("cuda", torch.cuda.current_device())
+    if getattr(config, "use_cpu_initialization", True):
+        return None
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def install_compat() -> None:
-    """Idempotent. Must run before megatron modules that hold references to the patched names are imported.
-    With CUDA only the Hadamard fallback applies (the GPU path still lacks the kernel unless it is installed)."""
+    """Idempotent. Must run before megatron modules that hold references to the patched names are imported."""
     global _installed
     if _installed:
         return
