@@ -234,7 +234,8 @@ class TrainRank:
         if not source.exists():
             raise FileNotFoundError(f"{source}: no training state for rank {self.rank} of {self.world_size} "
                                     "(saved with a different trainer.world_size?)")
-        state = torch.load(source, map_location=self.device, weights_only=False)
+        # RNG states must stay CPU ByteTensors; load_state_dict copies weights and moments to their devices.
+        state = torch.load(source, map_location="cpu", weights_only=False)
         now = dataclasses.asdict(self.layout)
         if state["layout"] != now or state["world_size"] != self.world_size:
             changed = {k: f"{state['layout'].get(k)} -> {now[k]}" for k in now if state["layout"].get(k) != now[k]}
