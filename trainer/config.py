@@ -93,6 +93,17 @@ class RewardConfig:
 
 
 @dataclass
+class EvalConfig:
+    # Generate for the data's eval rows (data.eval_path / eval_split / eval_fraction) and score them every N steps
+    # and after the last step, with the weights just pushed to the engines; 0 = never.
+    interval: int = 0
+    max_prompts: int = 64  # the first N eval rows, the same ones every time
+    samples_per_prompt: int = 1
+    temperature: float = 0.0  # 0 = greedy
+    max_new_tokens: int | None = None  # None: rollout.max_new_tokens
+
+
+@dataclass
 class LoggingConfig:
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
     project: str = "slipstream"
@@ -119,6 +130,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str = "outputs/run"
 
 
@@ -143,6 +155,12 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(t.lr > 0, "trainer.lr", f"must be > 0, got {t.lr}")
     _check(cfg.checkpoint.save_interval >= 0, "checkpoint.save_interval",
            f"must be >= 0 (0 = never), got {cfg.checkpoint.save_interval}")
+    e = cfg.eval
+    _check(e.interval >= 0, "eval.interval", f"must be >= 0 (0 = never), got {e.interval}")
+    for path, value in [("eval.max_prompts", e.max_prompts), ("eval.samples_per_prompt", e.samples_per_prompt),
+                        ("eval.max_new_tokens", 1 if e.max_new_tokens is None else e.max_new_tokens)]:
+        _check(value >= 1, path, f"must be >= 1, got {value}")
+    _check(e.temperature >= 0, "eval.temperature", f"must be >= 0 (0 = greedy), got {e.temperature}")
     _check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", f"must be >= 1, got {cfg.checkpoint.keep_last}")
     _check(t.moe_router_bias_update_rate >= 0, "trainer.moe_router_bias_update_rate",
            f"must be >= 0, got {t.moe_router_bias_update_rate}")

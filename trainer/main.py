@@ -35,6 +35,7 @@ def run(cfg: RunConfig) -> dict[str, float]:
             rt.sync_weights(version=step + 1)                # push new weights into every engine
             t3 = time.perf_counter()
             metrics.update(rt.rollout_metrics(samples))
+            metrics.update(rt.evaluate(step))                # eval rows under the new weights, every eval.interval
             metrics.update({"perf/rollout_time": t1 - t0, "perf/train_time": t2 - t1,
                             "perf/update_weights_time": t3 - t2})
             rt.log(step, metrics)

@@ -15,7 +15,7 @@ from glm5_model.tokenizer.build import stop_token_ids
 from rewards import RewardRunner, RewardSpec, RunnerSettings, reward_batch_metrics
 from rollout.april import generate_april
 from rollout.buffer import RolloutBufferActor
-from rollout.data import DataExhausted, PromptSource, load_data, make_source, render_prompt
+from rollout.data import DataExhausted, PromptRow, PromptSource, load_data, make_source, render_prompt
 from rollout.engine import RolloutEngineActor
 from rollout.generation import SamplingSettings, generate_groups, make_group, score_samples
 from rollout.sample import Sample
@@ -30,9 +30,10 @@ log = logging.getLogger("slipstream")
 
 class Runtime:
     def __init__(self, cfg: RunConfig, checkpoint: Path, engines: list, trainer: TrainerGroup, tokenizer,
-                 data: PromptSource, wandb_run, resume_from: Path | None = None):
+                 data: PromptSource, wandb_run, resume_from: Path | None = None,
+                 eval_rows: list[PromptRow] | None = None):
         self.cfg, self.checkpoint, self.engines, self.trainer = cfg, checkpoint, engines, trainer
-        self.resume_from = resume_from
+        self.resume_from, self.eval_rows = resume_from, eval_rows or []
         self.tokenizer, self.data, self.wandb_run = tokenizer, data, wandb_run
         r = cfg.reward
         self.rewards = RewardRunner([RewardSpec(t.name, t.weight, t.kwargs) for t in r.terms()],
@@ -52,6 +53,9 @@ class Runtime:
         checkpoint = ensure_checkpoint(cfg.model.preset, resolve_path(cfg.model.checkpoint_dir), cfg.model.init_seed)
         tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
         data = load_data(cfg.data, tokenizer)  # the validation pass: strict mode stops here, before Ray starts
+        if cfg.eval.interval and not data.eval:
+            raise ConfigError("eval.interval: the data has no eval rows; set data.eval_path, data.eval_split or "
+                              "data.eval_fraction")
         resume_from = latest_checkpoint(resolve_path(cfg.output_dir)) if cfg.checkpoint.resume else None
         saved = read_run_state(resume_from) if resume_from else None
         if saved is not None:
@@ -69,7 +73,7 @@ class Runtime:
         ray.get([e.weight_version.remote() for e in engines])  # engines are up
         wandb_run = _init_wandb(cfg, resume_id=saved.get("wandb_run_id") if saved else None)
         return cls(cfg, checkpoint, engines, trainer, tokenizer, make_source(cfg.data, data.train), wandb_run,
-                   resume_from)
+                   resume_from, data.eval)
 
     def resume(self) -> int:
         """Restores the newest run checkpoint, if resuming: trainer state, data cursor and partial-rollout buffer,
@@ -144,15 +148,32 @@ class Runtime:
             ray.get([e.update_weights_from_tensors.remote(ref, version) for e in self.engines])
 
     def rollout_metrics(self, samples: list[Sample]) -> dict[str, float]:
-        metrics = {"rollout/raw_reward": statistics.fmean(s.reward for s in samples),
-                   "rollout/response_len/mean": statistics.fmean(s.response_length for s in samples),
-                   "rollout/truncated_frac": statistics.fmean(s.status.value == "truncated" for s in samples)}
+        return {**self._sample_metrics(samples, "rollout", "reward"), **self._april_metrics}
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """eval/* metrics for the eval rows under the weights the engines now hold, every eval.interval steps and
+        after the last one ({} otherwise)."""
+        e = self.cfg.eval
+        if not e.interval or ((step + 1) % e.interval and step + 1 != self.cfg.trainer.num_steps):
+            return {}
+        rows = self.eval_rows[:e.max_prompts]
+        settings = dataclasses.replace(self.settings, temperature=e.temperature,
+                                       max_new_tokens=e.max_new_tokens or self.settings.max_new_tokens)
+        samples = generate_groups(self.engines, rows, [render_prompt(self.tokenizer, r) for r in rows],
+                                  e.samples_per_prompt, settings)
+        score_samples(samples, self.rewards)
+        return {**self._sample_metrics(samples, "eval", "eval/reward"), "eval/prompts": float(len(rows))}
+
+    def _sample_metrics(self, samples: list[Sample], prefix: str, reward_prefix: str) -> dict[str, float]:
+        metrics = {f"{prefix}/raw_reward": statistics.fmean(s.reward for s in samples),
+                   f"{prefix}/response_len/mean": statistics.fmean(s.response_length for s in samples),
+                   f"{prefix}/truncated_frac": statistics.fmean(s.status.value == "truncated" for s in samples)}
         for key in sorted({k for s in samples for k in s.reward_components}):
             values = [s.reward_components[key] for s in samples if key in s.reward_components]
-            metrics[f"reward/{key}"] = statistics.fmean(values)
+            metrics[f"{reward_prefix}/{key}"] = statistics.fmean(values)
         for term in self.cfg.reward.terms():
-            metrics.update(reward_batch_metrics_for(term.name, [s.reward_components for s in samples]))
-        metrics.update(self._april_metrics)
+            batch = reward_batch_metrics_for(term.name, [s.reward_components for s in samples])
+            metrics.update({reward_prefix + k[len("reward"):]: v for k, v in batch.items()})
         return metrics
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
@@ -161,7 +182,8 @@ class Runtime:
               f"resp_len {metrics['rollout/response_len/mean']:.1f} "
               f"|train-rollout logp| {metrics['train/train_rollout_logprob_abs_diff']:.2e} "
               f"rollout {metrics['perf/rollout_time']:.1f}s train {metrics['perf/train_time']:.1f}s "
-              f"sync {metrics['perf/update_weights_time']:.1f}s{_april_summary(metrics)}", flush=True)
+              f"sync {metrics['perf/update_weights_time']:.1f}s{_april_summary(metrics)}{_eval_summary(metrics)}",
+              flush=True)
         if self.wandb_run is not None:
             self.wandb_run.log({**metrics, "train/step": step + 1, "rollout/step": step + 1})
 
@@ -177,6 +199,12 @@ class Runtime:
             if self.wandb_run is not None:
                 self.wandb_run.finish()
             ray.shutdown()
+
+
+def _eval_summary(metrics: dict[str, float]) -> str:
+    if "eval/raw_reward" not in metrics:
+        return ""
+    return f" | eval reward {metrics['eval/raw_reward']:.4f} ({metrics['eval/prompts']:.0f} prompts)"
 
 
 def _april_summary(metrics: dict[str, float]) -> str:
@@ -209,7 +237,7 @@ def _init_wandb(cfg: RunConfig, resume_id: str | None = None):
     run = wandb.init(project=cfg.logging.project, name=cfg.logging.run_name, mode=cfg.logging.wandb_mode,
                      dir=str(wandb_dir), config=dataclasses.asdict(cfg), id=resume_id,
                      resume="allow" if resume_id else None)
-    for axis in ("train", "rollout", "reward", "perf"):
-        run.define_metric(f"{axis}/*", step_metric="train/step" if axis == "train" or axis == "perf"
+    for axis in ("train", "rollout", "reward", "perf", "eval"):
+        run.define_metric(f"{axis}/*", step_metric="train/step" if axis in ("train", "perf", "eval")
                           else "rollout/step")
     return run

@@ -38,6 +38,9 @@ def test_quickstart_composes_and_validates():
     ("data.path=/nonexistent.jsonl", "data.path"),
     ("+trainer.learning_rate=1e-3", "trainer.learning_rate"),
     ("trainer.pipeline_first_stage_layers=1", "trainer.pipeline_first_stage_layers"),  # needs pipeline_parallel > 1
+    ("eval.interval=-1", "eval.interval"),
+    ("eval.temperature=-0.5", "eval.temperature"),
+    ("eval.max_new_tokens=0", "eval.max_new_tokens"),
 ])
 def test_bad_value_names_the_field(override, field):
     with pytest.raises(ConfigError) as info:

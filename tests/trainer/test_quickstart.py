@@ -14,15 +14,27 @@ def _run(args: list[str], timeout: float) -> subprocess.CompletedProcess:
 
 def test_quickstart_runs_and_logs(tmp_path):
     out = tmp_path / "run"
+    # Plus an evaluation after the last step on 3 held-out rows (a quarter of the 12 quickstart prompts).
     proc = _run(["+experiment=quickstart", "trainer.num_steps=2", f"output_dir={out}",
                  f"model.checkpoint_dir={tmp_path / 'init'}", f"logging.dir={tmp_path / 'wandb'}",
-                 f"hydra.run.dir={tmp_path / 'hydra'}"], timeout=600)
+                 f"hydra.run.dir={tmp_path / 'hydra'}", "data.eval_fraction=0.25", "eval.interval=2"], timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     steps = [line for line in proc.stdout.splitlines() if line.startswith("step ")]
     assert [s.split()[1] for s in steps] == ["1/2", "2/2"], proc.stdout[-3000:]
+    assert "eval reward" not in steps[0] and steps[1].endswith("(3 prompts)"), steps
     assert (out / "final" / "model.safetensors").is_file()
     assert (out / "final" / "config.json").is_file()
-    assert list((tmp_path / "wandb").glob("wandb/offline-run-*")), "no offline W&B run directory"
+    runs = list((tmp_path / "wandb").glob("wandb/offline-run-*/run-*.wandb"))
+    assert runs, "no offline W&B run"
+    assert b"eval/raw_reward" in runs[0].read_bytes(), "eval metrics missing from the W&B run"
+
+
+def test_eval_without_eval_rows_fails_before_ray_starts(tmp_path):
+    proc = _run(["+experiment=quickstart", "eval.interval=1", f"output_dir={tmp_path / 'run'}",
+                 f"model.checkpoint_dir={tmp_path / 'init'}", f"hydra.run.dir={tmp_path / 'hydra'}"], timeout=300)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "config error: eval.interval: the data has no eval rows" in proc.stderr
+    assert "Started a local Ray instance" not in proc.stdout + proc.stderr
 
 
 def test_bad_config_fails_before_ray_starts(tmp_path):
