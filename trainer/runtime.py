@@ -30,10 +30,10 @@ log = logging.getLogger("slipstream")
 
 class Runtime:
     def __init__(self, cfg: RunConfig, checkpoint: Path, engines: list, trainer: TrainerGroup, tokenizer,
-                 data: PromptSource, wandb_run, resume_from: Path | None = None,
+                 data: PromptSource, wandb_run, resume_from: tuple[Path, dict] | None = None,
                  eval_rows: list[PromptRow] | None = None):
         self.cfg, self.checkpoint, self.engines, self.trainer = cfg, checkpoint, engines, trainer
-        self.resume_from, self.eval_rows = resume_from, eval_rows or []
+        self.resume_from, self.eval_rows = resume_from, eval_rows or []  # (checkpoint dir, its run state)
         self.tokenizer, self.data, self.wandb_run = tokenizer, data, wandb_run
         r = cfg.reward
         self.rewards = RewardRunner([RewardSpec(t.name, t.weight, t.kwargs) for t in r.terms()],
@@ -73,23 +73,23 @@ class Runtime:
         ray.get([e.weight_version.remote() for e in engines])  # engines are up
         wandb_run = _init_wandb(cfg, resume_id=saved.get("wandb_run_id") if saved else None)
         return cls(cfg, checkpoint, engines, trainer, tokenizer, make_source(cfg.data, data.train), wandb_run,
-                   resume_from, data.eval)
+                   (resume_from, saved) if saved is not None else None, data.eval)
 
     def resume(self) -> int:
         """Restores the newest run checkpoint, if resuming: trainer state, data cursor and partial-rollout buffer,
         and pushes the restored weights to the engines. Returns the step to continue from (0 for a fresh run)."""
         if self.resume_from is None:
             return 0
-        state = read_run_state(self.resume_from)
+        path, state = self.resume_from
         try:
-            self.trainer.load_state(str(self.resume_from / "trainer"))
+            self.trainer.load_state(str(path / "trainer"))
         except ray.exceptions.RayTaskError as exc:  # e.g. saved with another layout: the rank names the fields
-            raise ConfigError(f"trainer: cannot resume from {self.resume_from}: {getattr(exc, 'cause', exc)}") from exc
+            raise ConfigError(f"trainer: cannot resume from {path}: {getattr(exc, 'cause', exc)}") from exc
         self.data.load_state(state["data"])
         if self.buffer is not None and state.get("buffer") is not None:  # (Runtime.start checked the opposite)
             ray.get(self.buffer.load_state_dict.remote(state["buffer"]))
         self.sync_weights(state["weight_version"])
-        print(f"resumed from {self.resume_from} at step {state['next_step'] + 1}", flush=True)
+        print(f"resumed from {path} at step {state['next_step'] + 1}", flush=True)
         return state["next_step"]
 
     def save_checkpoint(self, step: int) -> None:
