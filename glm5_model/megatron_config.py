@@ -33,10 +33,6 @@ class ParallelLayout:
     first_stage_layers: int | None = None
     last_stage_layers: int | None = None
 
-    def stage_layer_counts(self, num_layers: int) -> list[int]:
-        return pipeline_stage_layers(num_layers, self.pipeline_parallel, self.first_stage_layers,
-                                     self.last_stage_layers)
-
     @property
     def expert_tp(self) -> int:
         if self.expert_tensor_parallel is not None:

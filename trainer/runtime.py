@@ -94,8 +94,7 @@ class Runtime:
 
     def save_checkpoint(self, step: int) -> None:
         """A run checkpoint after `step` (0-based) every checkpoint.save_interval steps and after the last one."""
-        interval, last = self.cfg.checkpoint.save_interval, self.cfg.trainer.num_steps
-        if not interval or ((step + 1) % interval and step + 1 != last):
+        if not self._due(self.cfg.checkpoint.save_interval, step):
             return
         run_state = {"weight_version": step + 1, "data": self.data.state(),
                      "buffer": ray.get(self.buffer.state_dict.remote()) if self.buffer is not None else None,
@@ -147,6 +146,11 @@ class Runtime:
             ref = self.trainer.export_weights()
             ray.get([e.update_weights_from_tensors.remote(ref, version) for e in self.engines])
 
+    def _due(self, interval: int, step: int) -> bool:
+        """Whether a periodic stage runs after `step` (0-based): every `interval` steps and after the last step;
+        never with interval 0."""
+        return bool(interval) and ((step + 1) % interval == 0 or step + 1 == self.cfg.trainer.num_steps)
+
     def rollout_metrics(self, samples: list[Sample]) -> dict[str, float]:
         return {**self._sample_metrics(samples, "rollout", "reward"), **self._april_metrics}
 
@@ -154,7 +158,7 @@ class Runtime:
         """eval/* metrics for the eval rows under the weights the engines now hold, every eval.interval steps and
         after the last one ({} otherwise)."""
         e = self.cfg.eval
-        if not e.interval or ((step + 1) % e.interval and step + 1 != self.cfg.trainer.num_steps):
+        if not self._due(e.interval, step):
             return {}
         rows = self.eval_rows[:e.max_prompts]
         settings = dataclasses.replace(self.settings, temperature=e.temperature,
