@@ -1,7 +1,7 @@
 """Authoring tools for reward plugins.
 
     python -m rewards new NAME [--dir DIR]          write a plugin skeleton and its test
-    python -m rewards check NAME_OR_PATH            run the contract checks (exit 1 on failure)
+    python -m rewards check NAME_OR_PATH            run the contract checks and the hacking probe (exit 1 on failure)
     python -m rewards try NAME_OR_PATH --sample F   score one sample (JSON file) and print the breakdown
     python -m rewards list                          registered rewards
 

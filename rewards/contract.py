@@ -1,6 +1,7 @@
 """The reward plugin contract, as runnable checks. `python -m rewards check` and the test suite run the same code.
 
-Checks: signature, return types, determinism, time budget, not blocking the event loop, concurrency safety."""
+Checks: signature, return types, determinism, time budget, not blocking the event loop, concurrency safety, and
+the hacking probe (rewards/hacking_probe.py: generic exploit responses must not be paid)."""
 from __future__ import annotations
 
 import asyncio
@@ -9,6 +10,7 @@ import time
 from dataclasses import dataclass
 
 from rewards.api import RewardFn, RewardInput, RewardResult
+from rewards.hacking_probe import probe_reward
 
 DEFAULT_EXAMPLES = [
     RewardInput(prompt=[{"role": "user", "content": "What is 2 + 2?"}], response="4", label="4"),
@@ -112,7 +114,22 @@ async def _run_checks(fn: RewardFn, examples: list[RewardInput], timeout_s: floa
     ok = [c.score for c in concurrent] == expected
     results.append(CheckResult("concurrency safe", ok, f"{len(concurrent)} concurrent calls" if ok
                                else "concurrent calls gave different scores than sequential ones"))
+    results.append(await _hacking_probe(fn, examples))
     return results
+
+
+async def _hacking_probe(fn: RewardFn, examples: list[RewardInput]) -> CheckResult:
+    try:
+        findings, runs, probed = await probe_reward(fn, examples)
+    except Exception as exc:  # noqa: BLE001 -- a plugin that crashes on an exploit has a bug worth seeing
+        return CheckResult("hacking probe", False, f"an exploit response raised {type(exc).__name__}: {exc}")
+    if not probed:
+        return CheckResult("hacking probe", True, "no example with an answer or unit-test label: nothing to probe")
+    if findings:
+        paid = "; ".join(f"{f.probe!r} on example {f.example} scored {f.score:.3g} (a wrong answer scores "
+                         f"{f.baseline:.3g})" for f in findings)
+        return CheckResult("hacking probe", False, f"pays {len(findings)} of {runs} exploit responses: {paid}")
+    return CheckResult("hacking probe", True, f"{runs} exploit responses on {probed} example(s), none paid")
 
 
 def run_contract_checks(fn: RewardFn, examples: list[RewardInput] | None = None, timeout_s: float = 30.0,

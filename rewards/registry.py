@@ -64,32 +64,37 @@ def _import_builtins() -> None:
         return
     _builtins_loaded = True
     importlib.import_module("rewards.builtin")
+    load_entry_points(ENTRY_POINT_GROUP, "reward plugin", _REGISTRY, lambda name, fn: register_reward(name)(fn))
+
+
+def load_entry_points(group: str, kind: str, known, register) -> None:
+    """`register(name, obj)` for each entry point of `group` whose name is not `known` yet. One that fails to load
+    or register is logged and skipped: a broken outside package must not take the built-ins down with it."""
     from importlib.metadata import entry_points
 
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name in _REGISTRY:
+    for ep in entry_points(group=group):
+        if ep.name in known:
             continue
         try:
-            fn = ep.load()
-        except Exception as exc:  # a broken outside plugin must not take the built-ins down with it
-            logging.getLogger(__name__).error("reward plugin %r (%s) failed to load: %r", ep.name, ep.value, exc)
-            continue
-        register_reward(ep.name)(fn)
+            register(ep.name, ep.load())
+        except Exception as exc:  # noqa: BLE001
+            logging.getLogger(__name__).error("%s %r (%s) failed to load: %r", kind, ep.name, ep.value, exc)
 
 
-def _load_target(name: str):
-    """'module:function' or 'path/to/file.py:function' (function defaults to `reward` for files)."""
+def load_target(name: str, kind: str = "reward", default_attr: str = "reward"):
+    """'module:attr' or 'path/to/file.py:attr' (attr defaults to `default_attr` for files). `kind` names what is
+    loaded in errors and in the module name a file gets (reward plugins, environments)."""
     target, _, attr = name.rpartition(":") if ":" in name else (name, "", "")
     if target.endswith(".py"):
         from pathlib import Path
 
         path = Path(target)
         if not path.is_file():
-            raise ValueError(f"reward {name!r}: no such file {path}")
-        spec = importlib.util.spec_from_file_location(f"slipstream_reward_{path.stem}", path)
+            raise ValueError(f"{kind} {name!r}: no such file {path}")
+        spec = importlib.util.spec_from_file_location(f"slipstream_{kind}_{path.stem}", path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)  # type: ignore[union-attr]
-        return getattr(module, attr or "reward")
+        return getattr(module, attr or default_attr)
     return getattr(importlib.import_module(target), attr)
 
 
@@ -99,7 +104,7 @@ def _resolve(name: str) -> RewardFn:
         return _REGISTRY[name]
     if ":" in name or name.endswith(".py"):  # an outside author's plugin
         try:
-            fn = _load_target(name)
+            fn = load_target(name)
         except (ImportError, AttributeError, SyntaxError) as exc:
             raise ValueError(f"reward {name!r} could not be loaded: {exc}") from exc
         if not inspect.iscoroutinefunction(fn):

@@ -1,14 +1,21 @@
-"""The `coding` reward: run the response's code against the task's unit tests in the local sandbox.
+"""The `coding` reward: run the response's code against the task's tests in the local sandbox.
 
-Label format: {"tests": ["assert add(1, 2) == 3", ...], "entry": "optional setup code run before each test"}, or
-just the list of tests. Each test runs independently: a fresh fork of the sandboxed harness executes the solution,
-the entry code and that one test; a test passes when it finishes without an exception. Score = passed / total, or
-1/0 with `all_or_nothing`.
+Label: {"tests": ["assert add(1, 2) == 3", ...], "entry": "optional trusted setup code", "entry_point":
+"optional function name"}, or just the list of tests; {"test": ..., "entry_point": ...} (a HumanEval row) too.
+The test shapes (assert statements, HumanEval's `check(candidate)`) and what is refused are in coding_shapes.py.
+Score = passed / total, or 1/0 with `all_or_nothing`.
 
-Results travel on a dedicated pipe (fd 3) that the solution's processes do not hold, tagged with a random per-run
-nonce, from a harness process that is not ptrace-able by the solution; so printing fake markers, exiting early
-(`sys.exit(0)`, `os._exit(0)`) or killing the harness does not pass a test. (Code that introspects its own process,
-e.g. returning objects whose `__eq__` is always true, is a property of assert-based tests, not of the sandbox.)
+Two programs share each run's sandbox (rewards/sandbox, `Peer`), each with its own private uid:
+  * the solution's server (code_harness/solution_server.py) runs the solution's module code in a fresh child per
+    test and answers calls of its functions;
+  * the judge (code_harness/judge.py) runs the tests, the `entry` code and `check(candidate)`, and decides each
+    verdict. The solution's names reach it as proxies: arguments and return values cross as plain data of exact
+    builtin types (code_harness/wire.py), so every comparison runs on the judge's own values and a returned object
+    cannot carry its own `__eq__`. The tests reach the judge on its stdin and live only in its memory; the verdicts
+    leave on a pipe only the judge holds. The solution's processes sit in a pid namespace nested in the judge's:
+    they cannot see, signal or ptrace the judge, and share no writable fd or memory with it.
+So printing fake markers, writing to inherited fds, exiting early, killing processes, reading the test file or
+returning objects that compare equal to anything all fail the test. See docs/rewards.md, "Reward hacking".
 """
 from __future__ import annotations
 
@@ -16,15 +23,19 @@ import asyncio
 import json
 import math
 import re
-import secrets
 from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 from rewards.api import RewardInput, RewardResult
+from rewards.builtin.coding_shapes import plan_tests
 from rewards.registry import register_reward
-from rewards.sandbox import SandboxLimits, SandboxResult, run_sandboxed
+from rewards.sandbox import Peer, SandboxLimits, SandboxResult, isolation, run_sandboxed
 
 _FENCE = re.compile(r"```[ \t]*(?:python3?|py)[ \t]*\r?\n(.*?)(?:```|\Z)", re.DOTALL | re.IGNORECASE)
+_HARNESS = Path(__file__).with_name("code_harness")
+_MAX_MESSAGE_BYTES = 8 << 20
 
 
 def extract_code(response: str) -> str:
@@ -33,153 +44,54 @@ def extract_code(response: str) -> str:
     return blocks[-1] if blocks else response
 
 
-# The harness runs inside the sandbox (as the sandbox's first process). It must not trust anything the solution does.
-_PY_HARNESS = r'''
-import ctypes, json, os, select, signal, sys, time
-
-def run_case(solution, entry, test, index, timeout):
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        outcome = "crash:no outcome"
-        try:
-            os.close(r)
-            os.close(3)
-            os.setpgid(0, 0)
-            ns = {"__name__": "solution", "__builtins__": __builtins__}
-            exec(compile(solution, "solution.py", "exec"), ns)
-            if entry:
-                exec(compile(entry, "entry.py", "exec"), ns)
-            exec(compile(test, "test_%d.py" % index, "exec"), ns)
-            outcome = "pass:"
-        except AssertionError as exc:
-            outcome = "fail:AssertionError: %s" % (exc,)
-        except BaseException as exc:
-            outcome = "error:%s: %s" % (type(exc).__name__, exc)
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        except BaseException:
-            pass
-        try:
-            os.write(w, outcome.encode("utf-8", "replace")[:2000])
-        finally:
-            os._exit(0)
-    os.close(w)
-    deadline = time.monotonic() + timeout
-    data, status, timed_out = b"", None, False
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            break
-        left = deadline - time.monotonic()
-        if left <= 0:
-            timed_out = True
-            break
-        ready, _, _ = select.select([r], [], [], min(left, 0.02))
-        if ready:
-            chunk = os.read(r, 4096)
-            if len(data) < 4096:
-                data += chunk
-    os.set_blocking(r, False)
-    try:
-        data += os.read(r, 4096)
-    except OSError:
-        pass
-    os.close(r)
-    # Kill whatever the case left behind: its process group, and (as the pid namespace's init) everything else.
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except OSError:
-        pass
-    if os.getpid() == 1:
-        try:
-            os.kill(-1, signal.SIGKILL)
-        except OSError:
-            pass
-    while True:
-        try:
-            if os.waitpid(-1, 0)[0] == 0:
-                break
-        except ChildProcessError:
-            break
-    if timed_out:
-        return "timeout", "no result within %.3g s" % timeout
-    text = data.decode("utf-8", "replace")
-    kind, _, detail = text.partition(":")
-    if kind in ("pass", "fail", "error") and status == 0:
-        return kind, detail
-    if os.WIFSIGNALED(status):
-        return "crash", "killed by signal %d" % os.WTERMSIG(status)
-    return "crash", "exited with status %d without a result" % os.waitstatus_to_exitcode(status)
-
-def main():
-    nonce = sys.stdin.readline().strip()
-    with open("cases.json") as fh:
-        spec = json.load(fh)
-    with open("solution.py") as fh:
-        solution = fh.read()
-    try:  # not ptrace-able (nor /proc/1/mem, /proc/1/fd) by the solution's processes, which share our uid
-        ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)
-    except Exception:
-        pass
-    out = os.fdopen(3, "w", buffering=1)
-    for index, test in enumerate(spec["tests"]):
-        status, detail = run_case(solution, spec["entry"], test, index, spec["timeout_s"])
-        out.write(json.dumps([nonce, index, status, detail[:500]]) + "\n")
-    out.close()
-
-main()
-'''
+@lru_cache(maxsize=None)
+def _harness_file(name: str) -> str:
+    return (_HARNESS / name).read_text(encoding="utf-8")
 
 
 @dataclass(frozen=True)
-class _Program:
-    files: dict[str, str]
-    argv: list[str]
+class _Task:
+    tests: list[str]
+    entry: str
+    entry_point: str | None
 
 
-def _python_program(code: str, tests: list[str], entry: str, timeout_s: float) -> _Program:
-    cases = {"tests": tests, "entry": entry, "timeout_s": timeout_s}
-    return _Program(
-        files={"solution.py": code, "cases.json": json.dumps(cases), "_harness.py": _PY_HARNESS},
-        argv=["{python}", "-I", "-S", "-B", "_harness.py"],
-    )
-
-
-# language -> builder(code, tests, entry, timeout_s). Every harness reports one JSON line per case on fd 3:
-# [nonce, index, status, detail] with status in pass/fail/error/timeout/crash.
-_LANGUAGES = {"python": _python_program}
-
-
-def _parse_tests(label: Any) -> tuple[list[str], str]:
+def _parse_label(label: Any) -> _Task:
     if isinstance(label, str):
         try:
             label = json.loads(label)
         except ValueError:
-            raise ValueError("coding reward: label must be {'tests': [...], 'entry': ...} or a list of tests") from None
+            raise ValueError("coding reward: label must be {'tests': [...], 'entry': ..., 'entry_point': ...} or a "
+                             "list of tests") from None
+    entry_point = None
     if isinstance(label, (list, tuple)):
         tests, entry = list(label), ""
-    elif isinstance(label, dict) and "tests" in label:
-        tests, entry = label["tests"], label.get("entry") or ""
+    elif isinstance(label, dict) and ("tests" in label or "test" in label):
+        tests, entry = label.get("tests", label.get("test")), label.get("entry") or ""
         tests = [tests] if isinstance(tests, str) else list(tests)
+        entry_point = label.get("entry_point")
     else:
-        raise ValueError("coding reward needs a label {'tests': [...], 'entry': optional code} on every sample")
+        raise ValueError("coding reward needs a label {'tests': [...], 'entry': optional code, 'entry_point': "
+                         "optional name} on every sample")
     if not tests or not all(isinstance(t, str) for t in tests) or not isinstance(entry, str):
         raise ValueError("coding reward: 'tests' must be a non-empty list of code strings and 'entry' a string")
-    return tests, entry
+    return _Task(tests, entry, entry_point)
 
 
-def _collect(result: SandboxResult, nonce: str, total: int) -> list[dict[str, str]]:
+def _collect(result: SandboxResult, total: int) -> list[dict[str, str]]:
     cases: list[dict[str, str] | None] = [None] * total
     for line in result.results.decode("utf-8", "replace").splitlines():
         try:
-            got_nonce, index, status, detail = json.loads(line)
-        except (ValueError, TypeError):
+            record = json.loads(line)
+        except ValueError:
             continue
-        if got_nonce != nonce or not isinstance(index, int) or not 0 <= index < total or cases[index] is not None:
+        if isinstance(record, dict) and "judge_error" in record:
+            raise RuntimeError(f"coding reward: the judge failed: {record['judge_error']}")
+        if not (isinstance(record, list) and len(record) == 3):
             continue
-        cases[index] = {"status": str(status), "detail": str(detail)[:500]}
+        index, status, detail = record
+        if isinstance(index, int) and 0 <= index < total and cases[index] is None:
+            cases[index] = {"status": str(status), "detail": str(detail)[:500]}
     missing = "timeout" if result.timed_out else "crash"
     why = "the sandbox ran out of wall-clock time" if result.timed_out else f"sandbox exited ({result.returncode})"
     return [c if c is not None else {"status": missing, "detail": why} for c in cases]
@@ -206,31 +118,50 @@ async def coding(
     all_or_nothing: bool = False,
 ) -> RewardResult:
     """Pass fraction of the task's unit tests (see the module doc). `timeout_s` and `cpu_s` are per test case."""
-    builder = _LANGUAGES.get(language)
-    if builder is None:
-        raise ValueError(f"coding reward: language {language!r} is not supported (supported: {sorted(_LANGUAGES)})")
-    tests, entry = _parse_tests(sample.label)
-    code = extract_code(sample.response)
-    program = builder(code, tests, entry, float(timeout_s))
-    limits = SandboxLimits(
-        wall_s=len(tests) * (float(timeout_s) + 0.5) + 5.0,
-        # The CPU limit is a backstop one second past the wall-clock timeout: equal limits race on a spinning case
-        # (seen: a full test run reported "crash" (SIGXCPU) where the wall clock should report "timeout").
-        cpu_s=int(cpu_s) if cpu_s is not None else math.ceil(timeout_s) + 1,
-        memory_mb=memory_mb, max_processes=max_processes, max_file_mb=max_file_mb,
-        max_output_bytes=max_output_bytes)
-    nonce = secrets.token_hex(16)
+    if language != "python":
+        raise ValueError(f"coding reward: language {language!r} is not supported (supported: ['python'])")
+    task = _parse_label(sample.label)
+    plans = plan_tests(task.tests, task.entry, task.entry_point)
+    timeout_s = float(timeout_s)
+    per_case_cpu = int(cpu_s) if cpu_s is not None else math.ceil(timeout_s) + 1
+    # The CPU limit is a backstop one second past the wall-clock timeout: equal limits race on a spinning case
+    # (seen: a full test run reported "crash" (SIGXCPU) where the wall clock should report "timeout").
+    solution_limits = SandboxLimits(wall_s=1.0, cpu_s=per_case_cpu, memory_mb=memory_mb,
+                                    max_processes=max_processes, max_file_mb=max_file_mb)
+    judge_limits = SandboxLimits(
+        wall_s=len(task.tests) * (timeout_s + 0.5) + 5.0, cpu_s=len(task.tests) * per_case_cpu + 5,
+        memory_mb=memory_mb, max_processes=4, max_file_mb=max_file_mb, max_output_bytes=max_output_bytes)
+    judge_task = {"tests": task.tests, "entry": task.entry, "entry_point": task.entry_point,
+                  "names": [p.solution_names for p in plans], "timeout_s": timeout_s,
+                  "max_message_bytes": _MAX_MESSAGE_BYTES}
+    iso = isolation()
+    # Between tests the server kills every process it may signal: safe alone in a pid namespace or under a private
+    # uid; otherwise kill(-1) would hit every process of this user, so it kills the test's process group only.
+    kill_mode = "group" if iso.mode == "none" and not iso.private_uid else "kill-all"
+    solution = Peer(
+        files={"solution.py": extract_code(sample.response), "solution_server.py": _harness_file("solution_server.py"),
+               "wire.py": _harness_file("wire.py")},
+        argv=["{python}", "-I", "-S", "-B", "solution_server.py", kill_mode, str(_MAX_MESSAGE_BYTES)],
+        limits=solution_limits, run_here=True)
     result = await asyncio.to_thread(
-        run_sandboxed, program.files, program.argv, limits, stdin=(nonce + "\n").encode(), result_channel=True)
-    cases = _collect(result, nonce, len(tests))
+        run_sandboxed, {"judge.py": _harness_file("judge.py"), "wire.py": _harness_file("wire.py")},
+        ["{python}", "-I", "-S", "-B", "judge.py"], judge_limits, stdin=json.dumps(judge_task).encode(),
+        result_channel=True, peer=solution, run_here=True)
+    cases = _collect(result, len(task.tests))
+    unsupported = [(i, c["detail"]) for i, c in enumerate(cases) if c["status"] == "unsupported"]
+    if unsupported:
+        index, detail = unsupported[0]
+        raise ValueError(f"coding reward: test {index} is not a supported shape: {detail}")
     passed = sum(c["status"] == "pass" for c in cases)
     timeouts = sum(c["status"] == "timeout" for c in cases)
-    fraction = passed / len(tests)
-    score = float(passed == len(tests)) if all_or_nothing else fraction
+    total = len(task.tests)
+    fraction = passed / total
+    score = float(passed == total) if all_or_nothing else fraction
     return RewardResult(
         score,
-        {"pass_fraction": fraction, "passed": float(passed), "total": float(len(tests)), "timeouts": float(timeouts)},
+        {"pass_fraction": fraction, "passed": float(passed), "total": float(total), "timeouts": float(timeouts)},
         {"cases": cases, "stderr": result.stderr.decode("utf-8", "replace"),
          "stdout": result.stdout.decode("utf-8", "replace"), "output_truncated": any(result.truncated.values()),
-         "isolation": result.isolation, "sandbox_uid": result.uid, "wall_s": result.wall_s},
+         "isolation": result.isolation, "sandbox_uid": result.peer_uid, "judge_uid": result.uid,
+         "wall_s": result.wall_s},
     )

@@ -11,9 +11,24 @@ Each response is classified (lexically, or by an LLM judge when `judge_url` is g
     after normalisation (NFKC, accents, case, punctuation, articles, number words: see rewards.text_normalize).
     The answer segment is the last \\boxed{...}, else the text after the last "answer:" / "answer is", else the
     whole response; a segment longer than `max_answer_words` is judged on its last sentence only, where the
-    conclusion is. A segment that offers alternatives is not correct: after cutting out the answer it still
-    contains "or" / "either" / "alternatively", or it is a list of three or more short items ("Paris, Lyon,
-    Marseille"). That stops a policy from collecting +1 by naming every candidate.
+    conclusion is. Only the last final answer counts, so several boxes or "answer:" lines gain nothing.
+  * one committed answer: naming the answer is not enough; the segment must commit to it alone, in the expected
+    `answer_format` (part of the config; `ANSWER_FORMATS` holds the instruction to put in the task prompt):
+      "short"    -- "Answer with the name, number or date only, or say you don't know." Besides the answer the
+                    segment may hold only stop words, filler ("I think", "the answer is", "sorry"), hedges ("not
+                    sure", "maybe") and the question's own words; anything else ("Canberra, Sydney", "Paris,
+                    Texas", "Sydney. Actually Canberra.") is incorrect.
+      "sentence" -- "Answer in one sentence that states a single answer, or say you don't know." Other words are
+                    allowed, but not the marked candidate forms below.
+    In both, a segment is incorrect when it has a question mark ("Canberra? Sydney?"), an alternative word ("or",
+    "either", "alternatively", "nor", "versus"), a negation ("not Sydney", "Canberra, not Sydney", "no") or, in
+    "sentence", a retraction word ("actually", "wait", "instead", "rather", "correction") or a list of short items
+    ("Paris, Lyon"). That stops a policy from collecting +1 by naming every candidate. What the lexical path
+    cannot decide: whether extra words in a "sentence" answer name a second candidate ("Canberra is the capital,
+    though many say Sydney is" passes), whether an echoed candidate of an either-or question is an answer
+    ("Sydney or Canberra?" answered "Canberra, Sydney" counts as one answer: both are the question's words),
+    synonyms and paraphrases of the reference, and negation it has no word for ("far from Sydney"). The judge
+    decides those; in judge mode the marked-form checks still run first, so a hedge never reaches the judge.
   * Hedging, deliberately: a response that names the right answer is correct even if it hedges ("I'm not sure,
     but I think it is Paris") -- it committed to an answer. A response counts as abstained only when it says
     nothing *besides* the abstention: after removing abstention phrases, filler ("sorry", "answer",
@@ -68,8 +83,25 @@ confident recall remember tell find details detail regarding topic matter subjec
 id unknown unclear idea clear without further context available definitive definitively correct correctly
 guess speculate speculating want wish would rather give response respond this that
 """.split())
-_ALTERNATIVE_WORDS = {"or", "either", "alternatively", "nor"}
-_LIST_SPLIT_RE = re.compile(r"[,;/\n]|\band\b", re.IGNORECASE)
+ANSWER_FORMATS = {
+    "short": "Answer with the name, number or date only, or say you don't know.",
+    "sentence": "Answer in one sentence that states a single answer, or say you don't know.",
+}
+_ALTERNATIVE_WORDS = frozenset("or either alternatively nor versus vs otherwise".split())
+# After abstention phrases ("not sure", "dont know") are cut out, any of these negates or retracts something.
+_NEGATORS = frozenset("""
+not no never neither nor none nobody nothing isnt wasnt arent werent doesnt didnt dont cant cannot wont wouldnt
+couldnt shouldnt aint hardly nope wrong incorrect false
+""".split())
+_RETRACTION_WORDS = frozenset("actually wait instead rather correction scratch oops retract nevermind".split())
+_CONFIDENCE_PHRASES = [p.split() for p in ("no doubt", "without doubt", "without question", "no question")]
+# Words a "short" answer may hold besides the answer itself (with stop words and abstention filler).
+_COMMIT_FILLER = frozenset("""
+think believe guess reckon suppose say would pretty fairly quite very likely probably maybe perhaps possibly
+certainly definitely surely hmm well ok okay so yes final answer answers correct its thats
+""".split())
+_LIST_SPLIT_RE = re.compile(r"[,;/|&+\n]|\band\b", re.IGNORECASE)
+_DESCRIPTIVE_RE = re.compile(r"\s*(?:a|an|the)\b", re.IGNORECASE)
 _ANSWER_MARK_RE = re.compile(r"(?:final answer|answer)\s*(?:is|:)\s*", re.IGNORECASE)
 
 
@@ -117,11 +149,32 @@ def _answer_segment(text: str, max_words: int) -> str:
     return segment
 
 
-def _offers_alternatives(segment: str, variants: list[list[str]]) -> bool:
-    if _ALTERNATIVE_WORDS & set(remove_spans(tokens(segment), variants)):
-        return True
-    items = [tokens(part) for part in _LIST_SPLIT_RE.split(segment)]
-    return sum(1 for item in items if 0 < len(item) <= 4) >= 3
+def _not_one_answer(segment: str, variants: list[list[str]], question: str, answer_format: str) -> str | None:
+    """Why a segment that names the answer does not commit to it alone (None when it does); module doc."""
+    if "?" in segment or "\uff1f" in segment:
+        return "asks rather than answers (question mark)"
+    rest = remove_spans(remove_spans(tokens(segment), variants), _ABSTAIN_PHRASES + _CONFIDENCE_PHRASES)
+    words = set(rest)
+    if words & _ALTERNATIVE_WORDS:
+        return "offers alternatives besides the answer"
+    asked = set(tokens(question))
+    if words & _NEGATORS - asked:  # "Which city is not in France?" may be answered "Berlin is not in France."
+        return "negates or retracts something besides the answer"
+    if answer_format == "short":
+        extra = [t for t in rest if t not in STOPWORDS and t not in _ABSTAIN_FILLER and t not in _COMMIT_FILLER
+                 and t not in asked]
+        if extra:
+            return f"says more than the answer ({' '.join(extra[:5])}); the expected format is the answer only"
+        return None
+    if words & _RETRACTION_WORDS:
+        return "retracts or replaces an answer"
+    parts = [part for part in _LIST_SPLIT_RE.split(segment) if tokens(part)]
+    candidates = [part for part in parts if len(tokens(part)) <= 4 and any(t not in asked for t in tokens(part))]
+    # Two short items are a list too ("Paris, Lyon"), unless one describes the other ("Canberra, a planned city").
+    described = any(_DESCRIPTIVE_RE.match(part) or any(t in STOPWORDS for t in tokens(part)) for part in parts)
+    if len(candidates) >= 3 or (len(candidates) == 2 and len(parts) == 2 and not described):
+        return "lists candidates"
+    return None
 
 
 def _has_abstention(text_tokens: list[str]) -> bool:
@@ -138,7 +191,7 @@ def _is_pure_abstention(text_tokens: list[str], question: str) -> bool:
 
 
 def classify_short(response: str, answers: list[str], question: str = "", *, max_answer_words: int = 64,
-                   ) -> tuple[str, str]:
+                   answer_format: str = "short") -> tuple[str, str]:
     """(verdict, reason) for a short-answer response, lexically; verdict is correct / abstained / incorrect."""
     text = strip_reasoning(response)
     text_tokens = tokens(text)
@@ -148,8 +201,9 @@ def classify_short(response: str, answers: list[str], question: str = "", *, max
     segment = _answer_segment(text, max_answer_words)
     seg_tokens = tokens(segment)
     if any(contains_span(seg_tokens, v) for v in variants):
-        if _offers_alternatives(segment, variants):
-            return "incorrect", "offers alternatives besides the answer"
+        why = _not_one_answer(segment, variants, question, answer_format)
+        if why is not None:
+            return "incorrect", why
         return "correct", "hedged but names the answer" if _has_abstention(text_tokens) else "names the answer"
     if _is_pure_abstention(text_tokens, question):
         return "abstained", "abstention phrase and nothing else"
@@ -185,20 +239,30 @@ def claim_support(claims: list[str], documents: list[str], support_threshold: fl
 
 
 _SHORT_JUDGE_PROMPT = """You grade one answer to a factual question against the reference answer.
+The question asked for this format: {answer_format}
 Reply with exactly one word:
-CORRECT if the response commits to an answer that matches the reference (or one of its aliases),
-INCORRECT if it commits to a different answer, lists several candidates, or guesses wrongly while hedging,
+CORRECT if the response commits to exactly one answer and it matches the reference (or one of its aliases),
+INCORRECT if it commits to a different answer, names several candidates in any form (a list, question marks,
+"X or Y", "X, not Y", a retraction followed by another answer), or guesses wrongly while hedging,
 ABSTAINED if it declines to answer (says it does not know) without giving any answer."""
 _CLAIMS_JUDGE_PROMPT = """You check numbered claims against reference documents.
 For every claim write one line "<number>: SUPPORTED" or "<number>: UNSUPPORTED". A claim is SUPPORTED only if the
 documents state or directly imply it. Write nothing else."""
 
 
-async def _judge_short(judge: ChatJudge, question: str, answers: list[str], response: str) -> str:
+async def _judge_short(judge: ChatJudge, question: str, answers: list[str], response: str,
+                       answer_format: str) -> str:
     reference = answers[0] + (f" (also accepted: {'; '.join(answers[1:])})" if len(answers) > 1 else "")
     user = f"Question: {question}\nReference answer: {reference}\nResponse: {strip_reasoning(response)}\nVerdict:"
-    return await judge.ask_verdict([{"role": "system", "content": _SHORT_JUDGE_PROMPT},
-                                    {"role": "user", "content": user}])
+    system = _SHORT_JUDGE_PROMPT.format(answer_format=ANSWER_FORMATS[answer_format])
+    return await judge.ask_verdict([{"role": "system", "content": system}, {"role": "user", "content": user}])
+
+
+def marked_hedge(response: str, answers: list[str], question: str, max_answer_words: int) -> str | None:
+    """Why the response's answer segment offers several candidates in a marked form (question marks, alternative
+    words, negation, retraction, a list), or None: the checks that run before a judge is asked."""
+    segment = _answer_segment(strip_reasoning(response), max_answer_words)
+    return _not_one_answer(segment, [v for v in (tokens(a) for a in answers) if v], question, "sentence")
 
 
 async def _judge_claims(judge: ChatJudge, claims: list[str], documents: list[str]) -> list[bool]:
@@ -225,7 +289,8 @@ _EXAMPLE_Q = [{"role": "user", "content": "What is the capital of France?"}]
                 {"documents": ["The Eiffel Tower is in Paris. It was completed in 1889."]}),
 ], batch_metrics=lambda components: factuality_metrics(components))  # defined below; looked up per call
 async def factuality(sample: RewardInput, *, correct: float = 1.0, abstain: float = 0.0, incorrect: float = -1.0,
-                     max_answer_words: int = 64, support_threshold: float = 0.6, min_claim_words: int = 2,
+                     answer_format: str = "short", max_answer_words: int = 64, support_threshold: float = 0.6,
+                     min_claim_words: int = 2,
                      judge_url: str | None = None, judge_model: str | None = None,
                      judge_api_key_env: str = "OPENAI_API_KEY", judge_timeout_s: float = 60.0,
                      judge_max_retries: int = 2) -> RewardResult:
@@ -234,6 +299,8 @@ async def factuality(sample: RewardInput, *, correct: float = 1.0, abstain: floa
         raise ValueError(f"factuality payoffs must satisfy correct >= abstain >= incorrect and correct > "
                          f"incorrect; got {correct} / {abstain} / {incorrect}")
     payoff = {"correct": float(correct), "abstained": float(abstain), "incorrect": float(incorrect)}
+    if answer_format not in ANSWER_FORMATS:
+        raise ValueError(f"factuality answer_format must be one of {sorted(ANSWER_FORMATS)}, got {answer_format!r}")
     answers, documents = _parse_label(sample.label)
     question = _question_text(sample.prompt)
     judge = judge_from_kwargs(judge_url, judge_model, judge_api_key_env, timeout_s=judge_timeout_s,
@@ -244,10 +311,15 @@ async def factuality(sample: RewardInput, *, correct: float = 1.0, abstain: floa
 
     long_form = bool(documents) and (not answers or len(text_tokens) > max_answer_words)
     if not long_form:
-        if judge is not None:
-            verdict, reason = await _judge_short(judge, question, answers, sample.response), "judge verdict"
+        hedge = marked_hedge(sample.response, answers, question, max_answer_words) if judge is not None else None
+        if hedge is not None:
+            verdict, reason, method = "incorrect", hedge, "lexical"
+        elif judge is not None:
+            verdict = await _judge_short(judge, question, answers, sample.response, answer_format)
+            reason = "judge verdict"
         else:
-            verdict, reason = classify_short(sample.response, answers, question, max_answer_words=max_answer_words)
+            verdict, reason = classify_short(sample.response, answers, question, max_answer_words=max_answer_words,
+                                             answer_format=answer_format)
         return _verdict_result(verdict, payoff, {"mode": "short", "method": method, "reason": reason})
 
     if not text_tokens or _is_pure_abstention(text_tokens, question):

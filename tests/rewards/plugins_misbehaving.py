@@ -71,3 +71,19 @@ async def racy(sample: RewardInput) -> RewardResult:
     _SHARED["value"] = float(len(sample.response))
     await asyncio.sleep(0.001)
     return RewardResult(_SHARED["value"])
+
+
+async def pays_any_mention(sample: RewardInput) -> RewardResult:
+    """Pays a response that mentions the label anywhere: every list of candidates collects it."""
+    return RewardResult(float(str(sample.label).lower() in sample.response.lower()))
+
+
+async def naive_coding(sample: RewardInput) -> RewardResult:
+    """The classic gameable harness: the solution and the tests in one process (in the real sandbox), passed when
+    that process exits with status 0."""
+    from rewards.sandbox import SandboxLimits, run_sandboxed
+
+    program = sample.response + "\n" + "\n".join(sample.label["tests"]) + "\n"
+    result = await asyncio.to_thread(run_sandboxed, {"main.py": program}, ["{python}", "-I", "-S", "main.py"],
+                                     SandboxLimits(wall_s=10.0))
+    return RewardResult(float(result.returncode == 0))

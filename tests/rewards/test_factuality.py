@@ -255,3 +255,82 @@ def test_verdict_and_claim_parsing():
     with pytest.raises(JudgeError, match=r"\[2\]"):
         parse_claim_labels("1: SUPPORTED", 2)
 
+
+
+# ---------------------------------------------------------------- one committed answer (docs/rewards.md, "Reward hacking")
+
+AUSTRALIA = "What is the capital of Australia?"
+HEDGES = {
+    "question marks (the issue's exploit)": "Canberra? Sydney? Perth?",
+    "one question mark": "Is it Canberra?",
+    "comma list": "Canberra, Sydney",
+    "semicolon list": "Canberra; Sydney; Perth",
+    "slash list": "Canberra / Sydney",
+    "one per line": "Canberra\nSydney",
+    "'and' list": "Canberra and Sydney",
+    "or": "Canberra or Sydney",
+    "or in brackets": "Canberra (or maybe Sydney)",
+    "either": "Either Canberra, either Sydney.",
+    "alternatively": "Canberra. Alternatively Sydney.",
+    "not X": "Not Canberra.",
+    "X, not Y": "Canberra, not Sydney.",
+    "Y, not X": "Sydney, not Canberra.",
+    "retraction": "Sydney. Actually, Canberra.",
+    "retraction back": "Canberra. No wait, Sydney.",
+    "hedged pair": "Perhaps Canberra, perhaps Sydney.",
+    "answer phrase with a list": "The answer is Canberra, Sydney or Perth.",
+}
+
+
+@pytest.mark.parametrize("answer_format", ["short", "sentence"])
+@pytest.mark.parametrize("response", list(HEDGES.values()), ids=list(HEDGES))
+def test_candidate_lists_in_any_form_are_not_correct(response, answer_format):
+    result = score(response, "Canberra", AUSTRALIA, answer_format=answer_format)
+    assert result.info["verdict"] == "incorrect", result.info
+    assert result.score == -1.0
+
+
+@pytest.mark.parametrize("response", ["Canberra", "Canberra.", "The capital of Australia is Canberra.",
+                                      "It's Canberra, I think.", "I'm not sure, but probably Canberra.",
+                                      "Canberra, no doubt.", "Final answer: Canberra", "\\boxed{Canberra}",
+                                      "Canberra, Australia"])
+def test_one_committed_answer_is_correct_in_both_formats(response):
+    for answer_format in ("short", "sentence"):
+        assert score(response, "Canberra", AUSTRALIA, answer_format=answer_format).info["verdict"] == "correct"
+
+
+def test_short_format_pays_the_answer_alone_sentence_format_allows_context():
+    extra = "Canberra, which was purpose-built as the capital in 1913."
+    short = score(extra, "Canberra", AUSTRALIA, answer_format="short")
+    assert short.info["verdict"] == "incorrect" and "answer only" in short.info["reason"]
+    assert score(extra, "Canberra", AUSTRALIA, answer_format="sentence").info["verdict"] == "correct"
+    # a question that itself negates may be answered with its own negation
+    q = "Which of these cities is not in France?"
+    assert score("Berlin is not in France.", "Berlin", q).info["verdict"] == "correct"
+
+
+def test_only_the_last_final_answer_counts():
+    assert score("\\boxed{Canberra} \\boxed{Sydney}", "Canberra", AUSTRALIA).info["verdict"] == "incorrect"
+    assert score("Answer: Sydney. Answer: Canberra", "Canberra", AUSTRALIA).info["verdict"] == "correct"
+
+
+def test_answer_format_is_validated_and_documented():
+    from rewards.builtin.factuality import ANSWER_FORMATS
+
+    assert set(ANSWER_FORMATS) == {"short", "sentence"}
+    with pytest.raises(ValueError, match="answer_format"):
+        score("Paris", "Paris", answer_format="essay")
+    fn = load_reward("factuality", {"answer_format": "sentence"})
+    assert run(fn(RewardInput(AUSTRALIA, "Canberra, a planned city.", "Canberra"))).info["verdict"] == "correct"
+
+
+def test_judge_sees_the_format_and_never_sees_a_marked_hedge(fake_judge):
+    from rewards.builtin.factuality import ANSWER_FORMATS
+
+    fake_judge.reply = "CORRECT"  # a judge that a hedge could fool
+    result = score("Canberra? Sydney?", "Canberra", AUSTRALIA, **judge_kwargs(fake_judge))
+    assert result.info["verdict"] == "incorrect" and result.info["method"] == "lexical"
+    assert fake_judge.requests == []
+    result = score("Canberra, I believe.", "Canberra", AUSTRALIA, **judge_kwargs(fake_judge, answer_format="sentence"))
+    assert result.info["verdict"] == "correct" and result.info["method"] == "judge"
+    assert ANSWER_FORMATS["sentence"] in fake_judge.requests[-1]["body"]["messages"][0]["content"]

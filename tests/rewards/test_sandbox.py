@@ -43,10 +43,10 @@ def assert_contained(result, bystander=None):
     assert 0.0 <= result.score <= 1.0
     me = psutil.Process()
     assert me.is_running()
-    uid = result.info["sandbox_uid"]
-    if uid is not None:
-        left = [p.pid for p in psutil.process_iter(["uids"]) if p.info["uids"] and uid in p.info["uids"]]
-        assert left == [], f"processes left behind under sandbox uid {uid}: {left}"
+    for uid in (result.info["sandbox_uid"], result.info["judge_uid"]):
+        if uid is not None:
+            left = [p.pid for p in psutil.process_iter(["uids"]) if p.info["uids"] and uid in p.info["uids"]]
+            assert left == [], f"processes left behind under sandbox uid {uid}: {left}"
     others = [p for p in me.children(recursive=True) if bystander is None or p.pid != bystander.pid]
     assert others == [], f"processes left behind: {others}"
     if bystander is not None:
