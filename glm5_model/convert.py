@@ -267,19 +267,37 @@ def split_tp(full: torch.Tensor, dim: int, stride: int, rank: int, size: int) ->
 
 def merge_tp(parts: list[torch.Tensor], dim: int, stride: int) -> torch.Tensor:
     """Inverse of `split_tp`: the full tensor from every rank's piece (in rank order)."""
-    pieces = [p.chunk(stride, dim) for p in parts]
-    return torch.cat([torch.cat([pc[s] for pc in pieces], dim=dim) for s in range(stride)], dim=dim)
+    shape = list(parts[0].shape)
+    shape[dim] *= len(parts)
+    return merge_tp_into(parts, dim, stride, parts[0].new_empty(shape))
+
+
+def merge_tp_into(parts: list[torch.Tensor], dim: int, stride: int, out: torch.Tensor) -> torch.Tensor:
+    """`merge_tp` written into `out` (the full shape; its dtype may differ, the copy casts), so a caller can merge
+    straight into a send buffer without a full-size temporary."""
+    offset = 0
+    for s in range(stride):
+        for part in parts:
+            piece = part.chunk(stride, dim)[s]
+            out.narrow(dim, offset, piece.shape[dim]).copy_(piece)
+            offset += piece.shape[dim]
+    return out
 
 
 def tp_split(full: torch.Tensor, param: torch.Tensor, rank: int, size: int) -> torch.Tensor:
     """This rank's piece of a full tensor for a live (possibly) tensor-parallel Megatron parameter."""
     if size == 1 or full.shape == param.shape:
         return full
-    return split_tp(full, getattr(param, "partition_dim", 0), getattr(param, "partition_stride", 1), rank, size)
+    return split_tp(full, *tp_partition(param), rank, size)
 
 
 def tp_merge(parts: list[torch.Tensor], param: torch.Tensor) -> torch.Tensor:
-    return merge_tp(parts, getattr(param, "partition_dim", 0), getattr(param, "partition_stride", 1))
+    return merge_tp(parts, *tp_partition(param))
+
+
+def tp_partition(param: torch.Tensor) -> tuple[int, int]:
+    """(dim, stride) along which a tensor-parallel Megatron parameter is split."""
+    return getattr(param, "partition_dim", 0), getattr(param, "partition_stride", 1)
 
 
 def is_tp_sharded(param: torch.Tensor, size: int) -> bool:
