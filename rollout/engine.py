@@ -1,9 +1,10 @@
 """The rollout engine: one SGLang engine (token ids in, token ids + sampling logprobs out) with weight updates.
 
 `SGLangEngine` is a plain class usable in-process; `RolloutEngineActor` is the same class as a Ray actor
-(`RolloutEngineActor.options(num_cpus=...).remote(model_path, ...)`). The actor is threaded so `abort()` and
-`finished_rids()` can arrive while a `generate()` call is running; all other calls are serialised by a lock
-(SGLang's sync Engine API drives one asyncio loop that must not be entered twice).
+(`RolloutEngineActor.options(num_cpus=...).remote(model_path, ...)`). Requests are typed (rollout/protocol.py):
+`submit()` starts them and `collect()` returns each as it finishes (the rollout manager's path); `generate()`
+waits for a list (evaluation, tests). Weight updates, `pause()`/`resume()` and aborts may arrive while requests
+run; the actor is threaded for that.
 
 On a machine without CUDA the engine runs on CPU through our out-of-tree SGLang platform
 (rollout/sglang_cpu/platform.py) and the patches it needs for GLM-5 (rollout/sglang_cpu/patches.py).
@@ -11,19 +12,25 @@ On a machine without CUDA the engine runs on CPU through our out-of-tree SGLang 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import gc
+import concurrent.futures
+import functools
 import json
 import logging
 import os
+import pickle
+import tempfile
 import threading
 import time
-import uuid
 from pathlib import Path
 
-import psutil
 import ray
 import torch
+
+from rollout.protocol import EngineHealth, EngineRequest, EngineResult, versions_from_spans
+from rollout.sglang_process import (EngineStartError, kill_process_trees, kills_only,  # noqa: F401 (re-export)
+                                    process_problem, start_engine)
+from rollout.weight_protocol import BucketLayout, verify_check
+from rollout.weight_receiver import READBACK_PREFIX, VERIFIED_MARKER
 
 logger = logging.getLogger(__name__)
 
@@ -36,22 +43,38 @@ if not torch.cuda.is_available():
 ENGINE_START_TIMEOUT_S = float(os.environ.get("SLIPSTREAM_ENGINE_START_TIMEOUT_S", "300"))
 _FLUSH_RETRIES = 10
 
+if not torch.cuda.is_available():
+    # Bucketed weight pushes hand CPU tensors between unrelated processes (a trainer rank, this engine, SGLang's
+    # scheduler) as shared-memory handles. The default fd-passing strategy authenticates against the parent
+    # process's key and fails between unrelated processes; named shared-memory files work (seen: AuthenticationError
+    # with file_descriptor). Set in this process and inherited by the scheduler SGLang spawns from it.
+    import torch.multiprocessing
 
-class EngineStartError(RuntimeError):
-    pass
+    torch.multiprocessing.set_sharing_strategy("file_system")
+
+
+PAUSE_MODES = ("in_place", "retract")
 
 
 class SGLangEngine:
-    """One SGLang engine. Token ids only: text is never sent (tokenizers can disagree between libraries)."""
+    """One SGLang engine. Token ids only: text is never sent (tokenizers can disagree between libraries).
+
+    SGLang's engine runs its asyncio loop only while one of its sync calls is inside `run_until_complete`, so
+    requests could only be in flight during a blocking call. Here the loop runs for the engine's whole life in a
+    thread of its own (`_LoopThread`), which lets requests stream in (`submit`) and out (`collect`) while weight
+    updates, pauses and aborts arrive from other threads; SGLang's own sync methods still work, from any thread."""
 
     def __init__(self, model_path: str, *, dtype: str = "float32", max_total_tokens: int = 16384, seed: int = 0,
                  mem_fraction_static: float | None = None, log_level: str = "error",
                  start_timeout_s: float = ENGINE_START_TIMEOUT_S):
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # weight updates, pause/resume: one control operation at a time
         self._version = 0
-        # rids of the current (or last) generate() call that have finished, readable without self._lock.
-        self._finished_lock = threading.Lock()
-        self._finished: set[str] = set()
+        self._paused: str | None = None
+        self._results = threading.Condition()
+        self._done: list[EngineResult] = []           # finished streamed requests not yet collected
+        self._failures: list[BaseException] = []      # streamed requests that raised
+        self._inflight: dict[str, object] = {}        # rid -> future, streamed and blocking requests alike
+        self._push: _Push | None = None  # the bucketed push in progress
         self.model_path = str(model_path)
         self._vocab_size = int(json.loads((Path(self.model_path) / "config.json").read_text())["vocab_size"])
         self.on_cpu = not torch.cuda.is_available()
@@ -62,54 +85,74 @@ class SGLangEngine:
         if self.on_cpu:
             # sleep_on_idle: an idle scheduler otherwise busy-polls a whole core, starving the trainer beside it.
             kwargs.update(device="cpu", attention_backend="torch_native", disable_cuda_graph=True, sleep_on_idle=True)
-        self._engine, self._engine_pids = _start_engine(kwargs, start_timeout_s)
+        self._engine, self._engine_pids = start_engine(kwargs, start_timeout_s)
+        self._loop = _LoopThread(self._engine)
+        self._set_served_version(0)
 
     # ------------------------------------------------------------------ generation
-    def generate(self, requests: list[dict]) -> list[dict]:
-        """Samples a completion per request. Each result carries the logprob of every generated token under the
-        distribution it was sampled from (SGLang applies the temperature, not top-p/top-k), and the weight
-        version that produced it. An aborted request returns the tokens (and logprobs) it had generated.
+    def submit(self, requests: list[EngineRequest]) -> None:
+        """Starts the requests and returns at once; their results come out of `collect()` as each finishes."""
+        self._start(requests, streamed=True)
 
-        The requests go to SGLang one by one, concurrently on the engine's loop (its scheduler still batches
-        them), so each one's completion is seen as it happens: `finished_rids()` lists them while this runs."""
-        if not requests:
-            return []
-        rids = [str(r.get("rid") or uuid.uuid4().hex) for r in requests]
-        if len(set(rids)) != len(rids):
-            raise ValueError("duplicate rids in one generate() call")
-        input_ids = [[int(t) for t in r["input_ids"]] for r in requests]
-        params = [dict(r.get("sampling_params") or {}) for r in requests]
-        finished: set[str] = set()
+    def collect(self, timeout_s: float = 0.2) -> list[EngineResult]:
+        """Results of submitted requests that finished since the last call (stopped, truncated or aborted),
+        waiting up to `timeout_s` for the first one. A request that raised is raised here."""
+        with self._results:
+            if not self._done and not self._failures:
+                self._results.wait(timeout_s)
+            if self._failures:
+                raise self._failures.pop(0)
+            out, self._done = self._done, []
+        return out
 
-        def mark_finished(rid: str) -> None:
-            with self._finished_lock:
-                finished.add(rid)
+    def generate(self, requests: list[EngineRequest]) -> list[EngineResult]:
+        """Samples a completion per request and waits for all of them (they do not appear in `collect()`)."""
+        futures = self._start(requests, streamed=False)
+        return [f.result() for f in futures]
 
-        with self._lock:
-            with self._finished_lock:
-                self._finished = finished
-            out = self._engine.loop.run_until_complete(
-                _generate_each(self._engine, input_ids, params, rids, mark_finished))
-            version = self._version
-        failed = [o for o in out if isinstance(o, BaseException)]
-        if failed:
-            raise failed[0]
-        results = []
-        for o in out:
-            meta = o["meta_info"]
-            logprobs = [float(lp) for lp, _tok, _txt in meta["output_token_logprobs"]]
-            if len(logprobs) != len(o["output_ids"]):
-                raise RuntimeError(f"SGLang returned {len(logprobs)} logprobs for {len(o['output_ids'])} tokens")
-            results.append({"output_ids": list(o["output_ids"]), "output_logprobs": logprobs,
-                            "finish_reason": _finish_reason(meta.get("finish_reason")), "text": o.get("text", ""),
-                            "weight_version": version})
-        return results
+    def in_flight(self) -> int:
+        return len(self._inflight)
 
-    def finished_rids(self) -> list[str]:
-        """rids of the running (or last) generate() call that finished on their own (stop or length; aborted
-        ones are not listed). Never waits for generate(): it is the driver's window into a running batch."""
-        with self._finished_lock:
-            return sorted(self._finished)
+    def _start(self, requests: list[EngineRequest], streamed: bool) -> list:
+        rids = [r.rid for r in requests]
+        if len(set(rids)) != len(rids) or any(rid in self._inflight for rid in rids):
+            raise ValueError(f"duplicate rids: {sorted(set(r for r in rids if rids.count(r) > 1 or r in self._inflight))}")
+        futures = []
+        for req in requests:
+            future = self._loop.submit(self._engine.async_generate(
+                input_ids=[int(t) for t in req.input_ids], sampling_params=dict(req.sampling), return_logprob=True,
+                rid=req.rid))
+            self._inflight[req.rid] = future
+            wrapped = _ResultFuture(req.rid)
+            future.add_done_callback(functools.partial(self._on_done, wrapped, streamed))
+            futures.append(wrapped)
+        return futures
+
+    def _on_done(self, wrapped: "_ResultFuture", streamed: bool, future) -> None:
+        """Runs on the loop thread as each request ends: converts its output and hands it to `collect()`."""
+        self._inflight.pop(wrapped.rid, None)
+        try:
+            wrapped.value = self._to_result(wrapped.rid, future.result())
+        except BaseException as exc:  # noqa: BLE001 - delivered to whoever waits for this request
+            wrapped.error = exc
+        wrapped.done.set()
+        if streamed:
+            with self._results:
+                if wrapped.error is not None:
+                    self._failures.append(wrapped.error)
+                else:
+                    self._done.append(wrapped.value)
+                self._results.notify_all()
+
+    def _to_result(self, rid: str, o: dict) -> EngineResult:
+        meta = o["meta_info"]
+        logprobs = [float(lp) for lp, _tok, _txt in meta["output_token_logprobs"]]
+        ids = list(o["output_ids"])
+        if len(logprobs) != len(ids):
+            raise RuntimeError(f"SGLang returned {len(logprobs)} logprobs for {len(ids)} tokens (request {rid})")
+        versions = versions_from_spans(meta.get("weight_versions"), len(ids), fallback=self._version)
+        return EngineResult(rid, ids, logprobs, versions, _finish_reason(meta.get("finish_reason")),
+                            o.get("text", ""))
 
     def score(self, input_ids: list[list[int]], prompt_lens: list[int]) -> list[list[float]]:
         """Logprobs (temperature 1) of tokens input_ids[i][prompt_lens[i]:], each given all tokens before it.
@@ -128,9 +171,8 @@ class SGLangEngine:
             if not 1 <= p <= len(seq):
                 raise ValueError(f"prompt_len {p} must be in [1, {len(seq)}] (the first token has no logprob)")
         starts = [p - 1 for p in prompt_lens]
-        with self._lock:
-            out = self._engine.generate(input_ids=ids, sampling_params=[{"max_new_tokens": 0}] * len(ids),
-                                        return_logprob=True, logprob_start_len=starts)
+        out = self._engine.generate(input_ids=ids, sampling_params=[{"max_new_tokens": 0}] * len(ids),
+                                    return_logprob=True, logprob_start_len=starts)
         if isinstance(out, dict):
             out = [out]
         scores = []
@@ -146,73 +188,311 @@ class SGLangEngine:
         return scores
 
     def abort(self, rid: str | None = None) -> None:
-        """Aborts one request (by rid) or, with no rid, every request; they finish with finish_reason "abort".
-
-        Safe to call from another thread while generate() runs: the abort is handed to the engine's event loop
-        (the thread running generate) instead of touching its sockets from here. Weight updates wait for an
-        in-flight generate() to return, so a driver that wants fresh weights now calls abort() first. An abort
-        that arrives before SGLang has registered the request is dropped, and so is one while the loop is idle:
-        requests are only in flight while a call runs the loop, and sending from this thread could race a call
-        that is just starting on the same (not thread-safe) ZMQ socket. A driver that must stop a batch repeats
-        abort() until its generate() returns."""
+        """Asks SGLang to abort one request (by rid) or, with no rid, every request; they finish with
+        finish_reason "abort" and keep the tokens they had. An abort that reaches SGLang before it has registered
+        the request is dropped: `abort_all` repeats until nothing is in flight."""
         tm = self._engine.tokenizer_manager
         args = dict(abort_all=True) if rid is None else dict(rid=str(rid))
-        loop = self._engine.loop
-        if loop.is_running():
-            loop.call_soon_threadsafe(lambda: tm.abort_request(**args))
+        self._loop.call_soon(lambda: tm.abort_request(**args))
+
+    def abort_all(self, timeout_s: float = 120.0) -> int:
+        """Aborts every request and returns once none is in flight (their results go where they would have gone:
+        `collect()` or the blocking `generate()`); returns how many were in flight. Must not be called while paused
+        (a paused scheduler does not process aborts)."""
+        if self._paused:
+            raise RuntimeError(f"abort_all while paused ({self._paused}): resume first")
+        n = len(self._inflight)
+        deadline = time.monotonic() + timeout_s
+        while self._inflight:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{len(self._inflight)} requests still running {timeout_s:.0f}s after abort")
+            self.abort()
+            time.sleep(0.02)
+        return n
+
+    def pause(self, mode: str) -> None:
+        """Stops the scheduler from running its requests until `resume()`: "in_place" keeps them and their KV cache
+        (the cache stays from the old weights), "retract" puts them back in the waiting queue and frees their KV,
+        so after a weight update their prefix is recomputed under the new weights. Requests submitted while
+        paused wait. Generated tokens keep the version of the weights that produced them either way."""
+        from sglang.srt.managers.io_struct import PauseGenerationReqInput
+
+        if mode not in PAUSE_MODES:
+            raise ValueError(f"pause mode {mode!r} not in {PAUSE_MODES}")
+        with self._lock:
+            if self._paused:
+                raise RuntimeError(f"engine already paused ({self._paused})")
+            self._loop.run(self._engine.tokenizer_manager.pause_generation(PauseGenerationReqInput(mode=mode)))
+            self._paused = mode
+
+    def resume(self) -> None:
+        from sglang.srt.managers.io_struct import ContinueGenerationReqInput
+
+        with self._lock:
+            if self._paused:
+                self._loop.run(self._engine.tokenizer_manager.continue_generation(ContinueGenerationReqInput()))
+                self._paused = None
 
     # ------------------------------------------------------------------ weights
     def update_weights_from_tensors(self, named_tensors: list[tuple[str, torch.Tensor]], version: int) -> None:
         """Loads full HF-named tensors (e.g. "model.layers.1.mlp.experts.3.gate_proj.weight") into the engine."""
         tensors = [(name, t.detach().to("cpu").contiguous()) for name, t in named_tensors]
         with self._lock:
-            self._flush_cache()
+            flush = self._flush_cache()
             # SGLang 0.5.23 only accepts tensor updates inside a weight-update session.
             _check(self._engine.begin_weight_update(), "begin_weight_update")
             try:
-                _check(self._engine.update_weights_from_tensor(tensors, flush_cache=True), "update_weights_from_tensor")
+                _check(self._engine.update_weights_from_tensor(tensors, flush_cache=flush),
+                       "update_weights_from_tensor")
             finally:
                 _check(self._engine.end_weight_update(), "end_weight_update")
-            self._version = int(version)
+            self._set_served_version(version)
 
     def update_weights_from_disk(self, path: str, version: int) -> None:
         with self._lock:
             self._flush_cache()
             _check(self._engine.update_weights_from_disk(str(path)), "update_weights_from_disk")
-            self._version = int(version)
+            self._set_served_version(version)
 
     def weight_version(self) -> int:
+        """The weight version this engine serves: set only once a whole push of it arrived and verified."""
         return self._version
+
+    def _set_served_version(self, version: int) -> None:
+        """Our version, and SGLang's: its scheduler then records, for every live request, how many of its tokens
+        the previous weights produced (meta_info["weight_versions"]), which tags tokens of paused requests."""
+        from sglang.srt.managers.io_struct import UpdateWeightVersionReqInput
+
+        self._loop.run(self._engine.tokenizer_manager.update_weight_version(
+            UpdateWeightVersionReqInput(new_version=str(int(version)), abort_all_requests=False)))
+        self._version = int(version)
+
+    # ------------------------------------------------------------------ bucketed, verified pushes
+    # (trainer/weight_sync drives these; the wire format is rollout/weight_protocol.py)
+    def begin_weight_push(self, version: int) -> None:
+        """Opens a push of `version`: the engine is flushed and SGLang's weight-update session opened; buckets
+        follow (load_bucket / receive_buckets), then end_weight_push (or abort_weight_push on failure)."""
+        with self._lock:
+            if self._push is not None:
+                raise RuntimeError(f"a push of version {self._push.version} is still open; end or abort it first")
+            self._flush_cache()
+            _check(self._engine.begin_weight_update(), "begin_weight_update")
+            self._push = _Push(int(version))
+
+    def load_bucket(self, handle: bytes, layout: BucketLayout, version: int, index: int) -> int:
+        """Loads one flattened bucket through SGLang's tensor-update path (colocated mode). `handle` is the
+        sender's buffer pickled as a shared-memory handle (CUDA IPC on a GPU): opening it maps the sender's
+        memory, nothing is copied until SGLang loads it into the parameters. The checksum is verified on the
+        mapped bytes first; a bad bucket raises and loads nothing. Returns the payload bytes."""
+        from sglang.srt.utils import MultiprocessingSerializer
+        from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorMetadata
+
+        flat = pickle.loads(handle)
+        if flat.numel() != layout.nbytes:
+            raise ValueError(f"bucket {index}: {flat.numel()} bytes received for a layout of {layout.nbytes}")
+        verify_check(flat, layout.payload_nbytes, layout.entries[-1].view(flat), version=version, index=index)
+        metadata = [FlattenedTensorMetadata(name=e.name, shape=torch.Size(e.shape), dtype=e.torch_dtype,
+                                            start_idx=e.offset, end_idx=e.offset + e.nbytes, numel=e.nbytes)
+                    for e in layout.weights]
+        payload = MultiprocessingSerializer.serialize({"flattened_tensor": flat, "metadata": metadata})
+        with self._lock:
+            push = self._open_push(version)
+            _check(self._engine.update_weights_from_tensor([payload], load_format="flattened_bucket",
+                                                           flush_cache=False), "update_weights_from_tensor")
+            push.loaded.add(int(index))
+        return layout.payload_nbytes
+
+    def join_weight_group(self, group_name: str, master_address: str, master_port: int, rank: int,
+                          world_size: int, backend: str) -> None:
+        """Joins a weight-update process group (distributed mode): the sending trainer rank is its rank 0."""
+        with self._lock:
+            _check(self._engine.init_weights_update_group(master_address, int(master_port), int(rank),
+                                                          int(world_size), group_name, backend),
+                   "init_weights_update_group")
+
+    def leave_weight_group(self, group_name: str) -> None:
+        with self._lock:
+            _check(self._engine.destroy_weights_update_group(group_name), "destroy_weights_update_group")
+
+    def receive_buckets(self, plan: list[tuple[str, BucketLayout, int]], version: int) -> int:
+        """Receives the buckets of a push by broadcast, in plan order (each entry: the group whose rank 0 sends
+        it, its layout, its index). Every engine takes them in the same order, so the senders' broadcasts can
+        never wait on each other in a cycle. SGLang's scheduler checks each bucket's checksum before loading it
+        (rollout/weight_receiver.py); its reply must say so. Returns the payload bytes received."""
+        total = 0
+        with self._lock:
+            push = self._open_push(version)
+            for group_name, layout, index in plan:
+                result = self._engine.update_weights_from_distributed(
+                    [e.name for e in layout.entries], [e.dtype for e in layout.entries],
+                    [list(e.shape) for e in layout.entries], group_name=group_name, flush_cache=False,
+                    load_format="flattened_bucket")
+                _check(result, f"update_weights_from_distributed (bucket {index})")
+                message = result[1] if isinstance(result, tuple) else getattr(result, "message", "")
+                if f"{VERIFIED_MARKER} bucket {index} of version {version}:" not in message:
+                    raise RuntimeError(f"bucket {index} of version {version} loaded without the checksum check "
+                                       f"(is rollout.weight_receiver installed in SGLang's scheduler?): {message}")
+                push.loaded.add(int(index))
+                total += layout.payload_nbytes
+        return total
+
+    def end_weight_push(self, version: int, buckets: int) -> None:
+        """Closes the push: every one of `buckets` buckets must have arrived; the cache the old weights filled is
+        flushed and the engine serves `version` from here on."""
+        with self._lock:
+            push = self._open_push(version)
+            missing = sorted(set(range(buckets)) - push.loaded)
+            if missing:
+                raise RuntimeError(f"push of version {version}: buckets {missing[:10]} never arrived "
+                                   f"({len(push.loaded)} of {buckets} loaded)")
+            self._push = None
+            _check(self._engine.end_weight_update(), "end_weight_update")
+            self._flush_cache()
+            self._set_served_version(version)
+
+    def abort_weight_push(self) -> None:
+        """Closes a failed push's session; the engine keeps reporting the version it had (its weights may be
+        partly updated: the next complete push repairs them)."""
+        with self._lock:
+            if self._push is None:
+                return
+            self._push = None
+            _check(self._engine.end_weight_update(), "end_weight_update")
+
+    def read_weight_checksums(self, tensors: list[tuple[str, str, tuple[int, ...]]], hash: bool = True,
+                              algorithm: str | None = None) -> dict:
+        """Reads HF-named tensors back from the engine's parameters (rollout/weight_receiver.py): their checksums,
+        the names it holds no parameter for, and the engine parameters those tensors do not cover completely.
+        With hash=False only the last two (which tensors the engine holds at all). `algorithm`: the sender's
+        checksum algorithm (rollout/weight_protocol.py; default: the engine device's)."""
+        fd, path = tempfile.mkstemp(prefix="slipstream-readback-", suffix=".json")
+        os.close(fd)
+        try:
+            request = READBACK_PREFIX + json.dumps({"path": path, "hash": bool(hash), "algorithm": algorithm,
+                                                    "tensors": [[n, d, list(s)] for n, d, s in tensors]})
+            with self._lock:
+                self._engine.get_weights_by_name(request)
+            result = json.loads(Path(path).read_text() or "{}")
+        finally:
+            os.unlink(path)
+        if "error" in result or "checksums" not in result:
+            raise RuntimeError(f"weight read-back failed in SGLang's scheduler: {result.get('error', result)}")
+        return result
+
+    def _open_push(self, version: int) -> "_Push":
+        if self._push is None or self._push.version != int(version):
+            open_version = None if self._push is None else self._push.version
+            raise RuntimeError(f"no push of version {version} is open (open: {open_version}); "
+                               "call begin_weight_push first")
+        return self._push
+
+    # ------------------------------------------------------------------ health
+    def health(self, timeout_s: float = 10.0) -> EngineHealth:
+        """Whether the engine serves: its SGLang processes exist and run (a SIGSTOPped scheduler counts as hung),
+        and a one-token request finishes within `timeout_s` (skipped while paused: nothing runs then)."""
+        problem = process_problem(self._engine_pids)
+        if problem:
+            return EngineHealth(False, problem, len(self._inflight), self._version)
+        if self._paused:
+            return EngineHealth(True, f"paused ({self._paused})", len(self._inflight), self._version)
+        rid = f"health/{time.monotonic_ns()}"
+        future = self._loop.submit(self._engine.async_generate(input_ids=[1, 2], sampling_params={
+            "max_new_tokens": 1, "temperature": 0.0}, rid=rid))
+        try:
+            future.result(timeout=timeout_s)
+        except concurrent.futures.TimeoutError:
+            self.abort(rid)
+            return EngineHealth(False, f"a one-token request did not finish within {timeout_s:.0f}s",
+                                len(self._inflight), self._version)
+        return EngineHealth(True, "", len(self._inflight), self._version)
+
+    def process_ids(self) -> list[int]:
+        """The engine's SGLang processes (scheduler, detokenizer): what a fault-injection test kills or stops."""
+        return sorted(self._engine_pids)
+
+    def kill(self) -> None:
+        """SIGKILLs the engine's SGLang processes and their children (a hung engine cannot shut down cleanly)."""
+        kill_process_trees(self._engine_pids)
 
     def shutdown(self) -> None:
         engine, self._engine = getattr(self, "_engine", None), None
         if engine is not None:
-            with _kills_only(self._engine_pids):
+            self._loop.stop()
+            with kills_only(self._engine_pids):
                 engine.shutdown()
 
-    def _flush_cache(self) -> None:
+    def _flush_cache(self) -> bool:
+        """Flushes the KV/prefix cache before a weight update; returns whether the update should flush again.
+        Paused in place, the running requests keep their cache and SGLang refuses any flush: none is done."""
+        if self._paused == "in_place":
+            return False
         # Right after a generation the scheduler may still hold requests and refuse to flush ("Cache flush
         # failed"); it succeeds once they are released, so retry briefly.
         for attempt in range(_FLUSH_RETRIES):
             result = self._engine.flush_cache()
             if getattr(result, "success", True):
-                return
+                return True
             time.sleep(0.1 * (attempt + 1))
         raise RuntimeError(f"SGLang flush_cache kept failing: {getattr(result, 'message', result)}")
 
 
-async def _generate_each(engine, input_ids: list[list[int]], params: list[dict], rids: list[str],
-                         on_finished) -> list:
-    """One SGLang request per sample, all in flight together. A module function, not a method: an async method
-    would make Ray run the actor as an async actor, whose own event loop then blocks SGLang's."""
-    async def one(ids: list[int], sampling_params: dict, rid: str):
-        o = await engine.async_generate(input_ids=ids, sampling_params=sampling_params, return_logprob=True, rid=rid)
-        if _finish_reason(o["meta_info"].get("finish_reason")) != "abort":
-            on_finished(rid)
-        return o
+class _Push:
+    """A bucketed push in progress: its version and the bucket indices loaded so far."""
 
-    # return_exceptions: one bad request must not leave the others running on the loop after we return.
-    return await asyncio.gather(*(one(i, p, r) for i, p, r in zip(input_ids, params, rids)), return_exceptions=True)
+    def __init__(self, version: int):
+        self.version = version
+        self.loaded: set[int] = set()
+
+
+class _ResultFuture:
+    """A blocking generate()'s handle on one request: its EngineResult once the loop thread has converted it."""
+
+    def __init__(self, rid: str):
+        self.rid, self.done, self.value, self.error = rid, threading.Event(), None, None
+
+    def result(self) -> EngineResult:
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+class _LoopThread:
+    """Runs an sglang.Engine's event loop forever in a daemon thread, and points the engine's `loop` at a proxy
+    whose run_until_complete hands the coroutine to that thread and waits: every sync Engine method keeps working,
+    from any thread, while requests are in flight."""
+
+    def __init__(self, engine):
+        self.engine, self.loop = engine, engine.loop
+        self.thread = threading.Thread(target=self.loop.run_forever, name="sglang-loop", daemon=True)
+        self.thread.start()
+        engine.loop = _LoopProxy(self)
+
+    def submit(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def run(self, coro):
+        return self.submit(coro).result()
+
+    def call_soon(self, fn) -> None:
+        self.loop.call_soon_threadsafe(fn)
+
+    def stop(self) -> None:
+        if self.thread.is_alive():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(timeout=30)
+        self.engine.loop = self.loop  # SGLang's own shutdown may use it
+
+
+class _LoopProxy:
+    def __init__(self, owner: _LoopThread):
+        self._owner = owner
+
+    def run_until_complete(self, coro):
+        return self._owner.run(coro)
+
+    def __getattr__(self, name):
+        return getattr(self._owner.loop, name)
 
 
 def _finish_reason(info) -> str:
@@ -232,121 +512,6 @@ def _check(result, what: str) -> None:
         raise RuntimeError(f"SGLang {what} failed: {message}")
 
 
-def _start_engine(kwargs: dict, timeout_s: float):
-    """Starts sglang.Engine; if it is not up within timeout_s, kills the processes it spawned and raises.
-
-    A failed start can hang (the launcher waits on a scheduler that never reports); killing the scheduler
-    processes makes the launcher's wait fail, so the constructor returns and we can raise a clear error. The
-    watchdog keeps killing until the constructor returns: at the deadline the processes may not exist yet."""
-    import sglang
-
-    me = psutil.Process()
-    before = {p.pid for p in me.children(recursive=True)}
-    done, timed_out = threading.Event(), threading.Event()
-
-    def watchdog():
-        if done.wait(timeout_s):
-            return
-        timed_out.set()
-        while not done.is_set():
-            _kill_new_children(me, before)
-            done.wait(0.5)
-
-    threading.Thread(target=watchdog, name="sglang-start-watchdog", daemon=True).start()
-    t0 = time.monotonic()
-    what = f"SGLang engine for {kwargs['model_path']}"
-    contexts_before = _live_zmq_contexts()
-    try:
-        engine = sglang.Engine(**kwargs)
-    except BaseException as exc:
-        done.set()
-        _kill_new_children(me, before)
-        _drop_zmq_contexts(_live_zmq_contexts() - contexts_before)
-        if timed_out.is_set():
-            raise EngineStartError(f"{what} did not start within {timeout_s:.0f}s (set "
-                                   "SLIPSTREAM_ENGINE_START_TIMEOUT_S to change); its processes were killed") from exc
-        raise EngineStartError(f"{what} failed to start: {exc}") from exc
-    done.set()
-    owned = {p.pid for p in me.children(recursive=True)} - before
-    if timed_out.is_set():  # came up, but only after the watchdog had started killing: not trustworthy
-        try:
-            with _kills_only(owned):
-                engine.shutdown()
-        finally:
-            _kill_new_children(me, before)
-        raise EngineStartError(f"{what} did not start within {timeout_s:.0f}s")
-    logger.info("%s ready in %.1fs", what, time.monotonic() - t0)
-    return engine, owned
-
-
-_KILL_PATCH_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def _kills_only(owned: set[int]):
-    """SGLang's Engine.shutdown() kills *every* child process of the calling process, not only its scheduler and
-    detokenizer: in a process that also runs a Ray head (a test session, a user's script) or another engine, it
-    killed those too (seen: the Ray GCS started by the test session died with an in-process engine, and the test
-    run with it). While this is active its kill reaches only the engine's own processes and their descendants."""
-    import sglang.srt.entrypoints.engine as sglang_engine
-
-    original = sglang_engine.kill_process_tree
-    me = psutil.Process()
-
-    def kill_process_tree(parent_pid, include_parent=True, skip_pid=None, wait_timeout=60):
-        if parent_pid != os.getpid() or include_parent:
-            return original(parent_pid, include_parent=include_parent, skip_pid=skip_pid, wait_timeout=wait_timeout)
-        victims = []
-        for child in me.children(recursive=True):
-            try:
-                if child.pid in owned or any(p.pid in owned for p in child.parents()):
-                    victims.append(child)
-            except psutil.NoSuchProcess:
-                continue
-        for child in victims:
-            try:
-                child.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(victims, timeout=wait_timeout or 5)
-
-    with _KILL_PATCH_LOCK:
-        sglang_engine.kill_process_tree = kill_process_tree
-        try:
-            yield
-        finally:
-            sglang_engine.kill_process_tree = original
-
-
-def _live_zmq_contexts() -> set:
-    import zmq
-
-    return {obj for obj in gc.get_objects() if isinstance(obj, zmq.Context) and not obj.closed}
-
-
-def _drop_zmq_contexts(contexts: set) -> None:
-    """Closes the ZMQ contexts a failed start left behind, discarding unsent messages.
-
-    Their sockets hold messages for the killed scheduler; with the default infinite linger, the context's
-    finalizer blocks forever in `term()` whenever the garbage collector reaches it -- which was the *next*
-    engine start in this process (seen: a test's engine fixture hung after the start-deadline test)."""
-    for ctx in contexts:
-        try:
-            ctx.destroy(linger=0)
-        except Exception:  # noqa: BLE001 - best effort on an already failing path
-            logger.exception("could not close a ZMQ context of the failed engine start")
-
-
-def _kill_new_children(me: psutil.Process, before: set[int]) -> None:
-    """Kills (and reaps) every descendant process that did not exist before the engine start."""
-    victims = [c for c in me.children(recursive=True) if c.pid not in before]
-    for child in victims:
-        try:
-            child.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(victims, timeout=5)
-
-
-# Threaded so abort() can run while generate() is in flight; callers add resources with .options(num_cpus=...).
-RolloutEngineActor = ray.remote(max_concurrency=4)(SGLangEngine)
+# Threaded: collect() waits in one thread while submit, abort, pause and weight updates arrive on others; callers
+# add resources with .options(num_cpus=...).
+RolloutEngineActor = ray.remote(max_concurrency=8)(SGLangEngine)

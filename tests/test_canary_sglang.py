@@ -67,6 +67,26 @@ def test_internal_shapes_the_patches_assume():
         assert hasattr(engine, method), f"sglang internal Engine.{method} moved: rollout/engine.py must be updated"
 
 
+def test_pause_and_version_internals_the_engine_uses():
+    """rollout/engine.py pauses SGLang around weight pushes and sets its weight version so the scheduler records
+    per-request version spans (meta_info["weight_versions"]); it also runs the Engine's loop in its own thread and
+    reroutes Engine.loop.run_until_complete, which every sync Engine method must still go through."""
+    tm = importlib.import_module("sglang.srt.managers.tokenizer_manager").TokenizerManager
+    for method in ("pause_generation", "continue_generation", "update_weight_version", "abort_request"):
+        assert hasattr(tm, method), f"sglang internal TokenizerManager.{method} moved: rollout/engine.py"
+    io = importlib.import_module("sglang.srt.managers.io_struct")
+    fields = io.UpdateWeightVersionReqInput.__struct_fields__
+    assert {"new_version", "abort_all_requests"} <= set(fields), f"UpdateWeightVersionReqInput changed: {fields}"
+    assert "mode" in io.PauseGenerationReqInput.__struct_fields__
+    scheduler = importlib.import_module("sglang.srt.managers.scheduler").Scheduler
+    assert '"in_place", "retract"' in inspect.getsource(scheduler.pause_generation), "pause modes changed"
+    spans = importlib.import_module("sglang.srt.utils.weight_versions")
+    assert callable(spans.add_weight_versions_to_meta_info) and callable(spans.record_weight_version_events)
+    engine = importlib.import_module("sglang.srt.entrypoints.engine").Engine
+    assert "self.loop.run_until_complete" in inspect.getsource(engine.update_weights_from_tensor), (
+        "Engine methods no longer run through self.loop.run_until_complete: rollout/engine.py's _LoopProxy breaks")
+
+
 def test_entry_points_registered():
     platforms = {ep.name: ep.value for ep in entry_points(group="sglang.srt.platforms")}
     plugins = {ep.name: ep.value for ep in entry_points(group="sglang.srt.plugins")}
@@ -120,3 +140,61 @@ def test_patches_take_effect():
     assert model_config.is_deepseek_dsa(glm5) is False
     deepseek_v2 = importlib.import_module("sglang.srt.models.deepseek_v2")
     assert deepseek_v2.is_deepseek_dsa is model_config.is_deepseek_dsa, "a copy of is_deepseek_dsa was not patched"
+
+
+def test_platform_empty_cache_does_not_collect(monkeypatch):
+    """SGLang's CpuDeviceMixin.empty_cache runs gc.collect(); inherited, it made every weight push's flush_cache
+    cost ~480 ms of a ~600 ms push. Our platform must keep overriding it."""
+    import gc
+
+    from sglang.srt.platforms.cpu import CpuDeviceMixin
+
+    from rollout.sglang_cpu.platform import SlipstreamCpuPlatform
+
+    calls = []
+    monkeypatch.setattr(gc, "collect", lambda *a, **k: calls.append(a) or 0)
+    CpuDeviceMixin().empty_cache()
+    assert calls, "CpuDeviceMixin.empty_cache no longer collects: the override may be unnecessary, re-check it"
+    calls.clear()
+    SlipstreamCpuPlatform().empty_cache()
+    assert not calls, "SlipstreamCpuPlatform.empty_cache runs gc.collect again (a ~0.5 s stall per weight push)"
+
+
+def test_flush_cache_empties_through_the_platform():
+    """The override only takes effect while the scheduler's flush reaches the device layer through
+    current_platform.empty_cache(); if SGLang calls gc or torch directly instead, the stall comes back."""
+    scheduler = importlib.import_module("sglang.srt.managers.scheduler").Scheduler
+    assert "current_platform.empty_cache()" in inspect.getsource(scheduler.flush_cache), (
+        "sglang internal Scheduler.flush_cache no longer calls current_platform.empty_cache(): check that a weight "
+        f"push does not stall on a cache flush again (rollout/sglang_cpu/platform.py; pinned sglang=={PIN})")
+
+
+@pytest.mark.parametrize("module,cls,method", __import__("rollout.weight_receiver", fromlist=["x"]).WRAPPED_NAMES,
+                         ids=lambda v: str(v))
+def test_weight_receiver_wraps_existing_methods(module, cls, method):
+    """rollout/weight_receiver.py wraps these in SGLang's scheduler; their signatures are what the wrappers call."""
+    owner = _lookup(module, cls, "rollout/weight_receiver.py")
+    target = getattr(owner, method, None)
+    assert target is not None, f"sglang internal {module}.{cls}.{method} moved: update rollout/weight_receiver.py"
+    original = getattr(target, "__wrapped__", target)
+    expected = {"load_weights_from_distributed": ["self", "named_tensors"],
+                "get_weights_by_name": ["self", "name", "truncate_size"]}[method]
+    assert list(inspect.signature(original).parameters) == expected, (
+        f"sglang internal {cls}.{method} changed its signature: update rollout/weight_receiver.py")
+
+
+def test_distributed_receive_hands_bucket_views_to_the_loader():
+    """The checksum check in rollout/weight_receiver.py rebuilds the received flat buffer from the storage of the
+    tensors SGLang hands on: they must be views of one buffer, loaded through load_weights_from_distributed."""
+    updater = importlib.import_module("sglang.srt.model_executor.model_runner_components.weight_updater")
+    assert "reconstruct_tensors()" in inspect.getsource(updater.WeightUpdater._receive_bucketed_weights_from_distributed)
+    manager = importlib.import_module("sglang.srt.managers.scheduler_components.weight_updater")
+    source = inspect.getsource(manager.SchedulerWeightUpdaterManager.update_weights_from_distributed)
+    assert "load_weights_from_distributed(weights)" in source, (
+        "SGLang no longer loads a distributed receive through WeightUpdater.load_weights_from_distributed: the "
+        "bucket checksum check (rollout/weight_receiver.py) would be skipped")
+    from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket
+
+    bucket = FlattenedTensorBucket.empty(["a", "b"], ["float32", "int64"], [[4], [2]], "cpu")
+    views = bucket.reconstruct_tensors()
+    assert all(t.untyped_storage().data_ptr() == bucket.get_flattened_tensor().data_ptr() for _, t in views)

@@ -78,24 +78,30 @@ class TrainRank:
                 "expert_shard": (self.shard.ep_rank, self.shard.num_local),
                 "params": sum(p.numel() for p in self.model.parameters())}
 
-    @staticmethod
-    def _token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """log p(tokens[:, t+1] | tokens[:, :t+1]) for every t: [b, s-1], from [b, s, vocab / tp] logits."""
+    def _token_logprobs(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """log p(tokens[:, t+1] | tokens[:, :t+1]) for every t: [b, s-1], from [b, s, vocab / tp] logits, at the
+        engines' sampling temperature: the engine reports (and samples from) softmax(logits / T), so the importance
+        ratios against its logprobs need the same distribution."""
         from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-        return -vocab_parallel_cross_entropy(logits[:, :-1].float().contiguous(), tokens[:, 1:])
+        logits = logits[:, :-1].float()
+        temperature = self.cfg.get("temperature", 1.0)
+        if temperature != 1.0:
+            logits = logits / temperature
+        return -vocab_parallel_cross_entropy(logits.contiguous(), tokens[:, 1:])
 
-    def _batches(self, items: list[TrainItem], shape: BatchShape):
-        batches = make_micro_batches(items, shape)
+    def _batches(self, items: list[TrainItem], shape: BatchShape, current_version: int = 0):
+        batches = make_micro_batches(items, shape, current_version=current_version)
         for m, mb in enumerate(batches):
             yield mb.to(self.device), items[m * shape.rows:(m + 1) * shape.rows]
 
-    def _run_schedule(self, items: list[TrainItem], shape: BatchShape, loss_fn, forward_only: bool) -> list:
+    def _run_schedule(self, items: list[TrainItem], shape: BatchShape, loss_fn, forward_only: bool,
+                      current_version: int = 0) -> list:
         """Megatron's schedule (1F1B across pipeline stages, a plain loop without PP) over the micro-batches;
         `loss_fn(micro_batch, items, logits)` runs on the last stage and returns (loss, per-micro-batch result)."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        batches = list(self._batches(items, shape))
+        batches = list(self._batches(items, shape, current_version))
 
         def forward_step(data_iterator, model):
             mb, chunk = next(data_iterator)
@@ -122,37 +128,47 @@ class TrainRank:
         per_micro = self._run_schedule(items, shape, loss_fn, forward_only=True)
         return [row for rows in per_micro for row in rows] if self.last_stage else None
 
-    def train_step(self, items: list[TrainItem], shape: BatchShape, global_tokens: int) -> dict[str, float]:
-        """One optimizer step on this rank's share. Losses are normalised by the response-token count of the
-        whole global batch and scaled by the data-parallel size, because Megatron's DDP averages gradients over
+    def train_step(self, items: list[TrainItem], shape: BatchShape, global_tokens: int,
+                   train_version: int = 0) -> dict[str, float]:
+        """One optimizer step on this rank's share. Losses are normalised by the loss-token count of the whole
+        global batch and scaled by the data-parallel size, because Megatron's DDP averages gradients over
         data-parallel ranks: the result is the token-level mean over the global batch. (Megatron's schedule
-        divides each micro-batch loss by the micro-batch count; the scale undoes that too.)"""
+        divides each micro-batch loss by the micro-batch count; the scale undoes that too.)
+
+        The PPO ratio is pi / pi_prox, pi_prox being the trainer's policy before this batch's first optimizer step:
+        given per token (items' prox_logprobs) when the batch is split into several steps, else the current policy
+        at the gradient (ratio 1). The behaviour correction pi_prox / pi_behav (the engine's logprob) weights each
+        token: decoupled PPO (AReaL) when trainer.decoupled_ppo, truncated at trainer.tis_clip when set (TIS).
+        Metrics split tokens by version: those the current policy generated (`train_version`) and stale ones."""
         from megatron.core.distributed import finalize_model_grads
 
         self.model.train()
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         scale = self.dp_size * shape.num_micro / max(global_tokens, 1)
+        tis_clip, decoupled = self.cfg.get("tis_clip", 0.0), self.cfg.get("decoupled_ppo", False)
+        cap = tis_clip if tis_clip else float("inf")
 
         def loss_fn(mb, chunk, logits):
             logprobs = self._token_logprobs(logits, mb.tokens)
-            # One optimizer step per rollout batch: the proximal (old) policy is the current one, so the ratio is
-            # 1 at the gradient and its clip only binds once several steps reuse a batch.
-            old = logprobs.detach()
-            tis_clip = self.cfg.get("tis_clip", 0.0)
-            weights = truncated_is_weights(old, mb.rollout_logprobs, tis_clip) if tis_clip else None
-            terms = ppo_clip_loss(logprobs, old, mb.advantages, mb.loss_mask,
+            prox = mb.prox_logprobs if mb.prox_logprobs is not None else logprobs.detach()
+            weights = truncated_is_weights(prox, mb.rollout_logprobs, cap) if (tis_clip or decoupled) else None
+            terms = ppo_clip_loss(logprobs, prox, mb.advantages, mb.loss_mask,
                                   self.cfg["clip_eps_low"], self.cfg["clip_eps_high"], weights)
+            diff = (prox - mb.rollout_logprobs).abs() * mb.response_mask
+            current = (mb.versions == train_version).to(diff.dtype) * mb.response_mask
             stats = {"pg_loss": terms.loss_sum.item(), "clipped": terms.clipped_tokens.item(),
                      "approx_kl": terms.approx_kl_sum.item(), "tokens": mb.loss_mask.sum().item(),
-                     "logprob_abs_diff": ((old - mb.rollout_logprobs).abs() * mb.loss_mask).sum().item(),
+                     "response_tokens": mb.response_mask.sum().item(),
+                     "logprob_abs_diff": diff.sum().item(), "current_tokens": current.sum().item(),
+                     "current_logprob_abs_diff": (diff * current).sum().item(),
                      "tis_weight": 0.0, "tis_truncated": 0.0}
             if weights is not None:
                 stats["tis_weight"] = (weights * mb.loss_mask).sum().item()
-                stats["tis_truncated"] = ((weights >= tis_clip).to(weights.dtype) * mb.loss_mask).sum().item()
+                stats["tis_truncated"] = ((weights >= cap).to(weights.dtype) * mb.loss_mask).sum().item()
             return terms.loss_sum * scale, stats
 
-        per_micro = self._run_schedule(items, shape, loss_fn, forward_only=False)
+        per_micro = self._run_schedule(items, shape, loss_fn, forward_only=False, current_version=train_version)
         finalize_model_grads([self.model])
         with cpu_device_scope():
             ok, grad_norm, _ = self.optimizer.step()
@@ -249,6 +265,36 @@ class TrainRank:
         if state["cuda_rng"] is not None and cuda_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
 
+    # ------------------------------------------------------------------ weight sync (trainer/weight_sync)
+    def weight_sync_plan(self, bucket_bytes: int, engine_dtype: str, skip: frozenset[str] = frozenset()) -> list:
+        """The buckets this rank sends (metadata only), for the driver to put in one global order."""
+        return self._weight_sender().plan(bucket_bytes, getattr(torch, engine_dtype), skip)
+
+    def weight_group_address(self) -> tuple[str, int, str]:
+        return self._weight_sender().group_address()
+
+    def join_weight_group(self, group_name: str, address: str, port: int, world_size: int, backend: str) -> None:
+        self._weight_sender().join_group(group_name, address, port, world_size, backend)
+
+    def leave_weight_group(self, group_name: str) -> None:
+        self._weight_sender().leave_group(group_name)
+
+    def push_weights(self, plan: list, version: int, engines: list | None = None, group_name: str | None = None,
+                     verify: bool = False, measure: bool = False):
+        """Sends this rank's buckets of the global `plan` (trainer/weight_sync/sender.py); a collective over the
+        ranks that lend tensor-parallel pieces, so every rank is called with the same plan."""
+        return self._weight_sender().push(plan, version, engines=engines, group_name=group_name, verify=verify,
+                                          measure=measure)
+
+    def _weight_sender(self):
+        if getattr(self, "_sender", None) is None:
+            from trainer.weight_sync.sender import WeightSender
+
+            self._sender = WeightSender.for_megatron_rank(self.model.module, self.layer_offset, self.tp_split_names,
+                                                          self.shard, (self.tp.size, self.tp.expert_size),
+                                                          self.device)
+        return self._sender
+
     def save_hf_checkpoint(self, path: str) -> str | None:
         """Writes an HF-format checkpoint directory (collective; rank 0 writes)."""
         named = self.export_hf_weights()
@@ -261,4 +307,6 @@ class TrainRank:
     def shutdown(self) -> None:
         from glm5_model.parallel import destroy_parallel
 
+        if getattr(self, "_sender", None) is not None:
+            self._sender.close()
         destroy_parallel()

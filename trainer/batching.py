@@ -13,32 +13,43 @@ import torch
 
 @dataclass
 class TrainItem:
-    """What a training rank needs of one sample."""
+    """What a training rank needs of one sample. Per response token (tokens[prompt_len:]): the behaviour logprob
+    (what the engine sampled it with), the weight version that generated it, whether it counts in the loss, and,
+    when the batch is trained in several optimizer steps, the proximal logprob (the trainer's, before the step)."""
 
     tokens: list[int]
     prompt_len: int
     advantage: float
-    rollout_logprobs: list[float]  # behaviour-policy logprobs of tokens[prompt_len:]
+    rollout_logprobs: list[float]
+    rollout_versions: list[int] | None = None  # None: all of the current version
+    loss_mask: list[float] | None = None       # None: every response token counts
+    prox_logprobs: list[float] | None = None   # None: the current policy at the gradient (one optimizer step)
 
     def __post_init__(self) -> None:
         n_resp = len(self.tokens) - self.prompt_len
         if self.prompt_len < 1 or n_resp < 0:
             raise ValueError(f"bad sample: prompt_len {self.prompt_len} for {len(self.tokens)} tokens")
-        if len(self.rollout_logprobs) != n_resp:
-            raise ValueError(f"bad sample: {n_resp} response tokens but {len(self.rollout_logprobs)} logprobs")
+        for name in ("rollout_logprobs", "rollout_versions", "loss_mask", "prox_logprobs"):
+            values = getattr(self, name)
+            if values is not None and len(values) != n_resp:
+                raise ValueError(f"bad sample: {n_resp} response tokens but {len(values)} {name}")
 
 
 @dataclass
 class MicroBatch:
     tokens: torch.Tensor            # [b, s] int64
-    loss_mask: torch.Tensor         # [b, s-1] 1.0 where target token s+1 is a response token of a real row
+    loss_mask: torch.Tensor         # [b, s-1] 1.0 where target token s+1 is a trained response token of a real row
+    response_mask: torch.Tensor     # [b, s-1] 1.0 on every response token of a real row (masked-out ones too)
     advantages: torch.Tensor        # [b, s-1] the row's advantage broadcast over its tokens
     rollout_logprobs: torch.Tensor  # [b, s-1] behaviour logprobs aligned with targets (0 where masked)
+    versions: torch.Tensor          # [b, s-1] int64 weight version of each response token (-1 elsewhere)
+    prox_logprobs: torch.Tensor | None  # [b, s-1] proximal logprobs, when every item has them
     real_rows: int                  # rows before padding
 
     def to(self, device: torch.device) -> "MicroBatch":
-        return MicroBatch(self.tokens.to(device), self.loss_mask.to(device), self.advantages.to(device),
-                          self.rollout_logprobs.to(device), self.real_rows)
+        return MicroBatch(self.tokens.to(device), self.loss_mask.to(device), self.response_mask.to(device),
+                          self.advantages.to(device), self.rollout_logprobs.to(device), self.versions.to(device),
+                          None if self.prox_logprobs is None else self.prox_logprobs.to(device), self.real_rows)
 
 
 def shard_items(items: list[TrainItem], dp_size: int) -> list[list[TrainItem]]:
@@ -64,22 +75,45 @@ def plan_shape(items: list[TrainItem], dp_size: int, micro_batch_size: int, seq_
     return BatchShape(math.ceil(per_rank / rows), rows, math.ceil(seq_len / seq_multiple) * seq_multiple)
 
 
-def make_micro_batches(items: list[TrainItem], shape: BatchShape, pad_id: int = 0) -> list[MicroBatch]:
+def make_micro_batches(items: list[TrainItem], shape: BatchShape, pad_id: int = 0,
+                       current_version: int = 0) -> list[MicroBatch]:
     batches = []
     rows, seq_len = shape.rows, shape.seq_len
+    with_prox = bool(items) and all(it.prox_logprobs is not None for it in items)
     for m in range(shape.num_micro):
         chunk = items[m * rows:(m + 1) * rows]
         tokens = torch.full((rows, seq_len), pad_id, dtype=torch.long)
-        mask = torch.zeros(rows, seq_len - 1)
+        mask, response = torch.zeros(rows, seq_len - 1), torch.zeros(rows, seq_len - 1)
         adv = torch.zeros(rows, seq_len - 1)
         behaviour = torch.zeros(rows, seq_len - 1)
+        versions = torch.full((rows, seq_len - 1), -1, dtype=torch.long)
+        prox = torch.zeros(rows, seq_len - 1) if with_prox else None
         for i, it in enumerate(chunk):
             n = len(it.tokens)
             tokens[i, :n] = torch.tensor(it.tokens)
             # target position t predicts tokens[t+1]; response tokens are tokens[prompt_len:n]
             lo, hi = it.prompt_len - 1, n - 1
-            mask[i, lo:hi] = 1.0
+            response[i, lo:hi] = 1.0
+            mask[i, lo:hi] = 1.0 if it.loss_mask is None else torch.tensor(it.loss_mask, dtype=torch.float32)
             adv[i, lo:hi] = it.advantage
             behaviour[i, lo:hi] = torch.tensor(it.rollout_logprobs, dtype=torch.float32)
-        batches.append(MicroBatch(tokens, mask, adv, behaviour, len(chunk)))
+            versions[i, lo:hi] = current_version if it.rollout_versions is None else torch.tensor(it.rollout_versions)
+            if prox is not None:
+                prox[i, lo:hi] = torch.tensor(it.prox_logprobs, dtype=torch.float32)
+        batches.append(MicroBatch(tokens, mask, response, adv, behaviour, versions, prox, len(chunk)))
     return batches
+
+
+def train_items(samples: list, advantages: list[float], train_version: int,
+                max_age: int | None = None) -> list[TrainItem]:
+    """TrainItems from a rollout batch's samples (rollout.sample.Sample, group after group) and their advantages,
+    with each token's behaviour logprob and version; tokens more than `max_age` versions older than
+    `train_version` get loss mask 0. Samples with no response tokens carry no loss and are left out."""
+    items = []
+    for s, adv in zip(samples, advantages):
+        if s.response_length == 0:
+            continue
+        mask = None if max_age is None else [float(train_version - v <= max_age) for v in s.response_versions]
+        items.append(TrainItem(s.tokens, len(s.prompt_ids), float(adv), list(s.response_logprobs),
+                               list(s.response_versions), mask))
+    return items

@@ -5,10 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from rollout.config import LoopConfig, RolloutConfig, validate_rollout_config
 from rollout.config_schema import REPO_ROOT, ConfigError, build_dataclass, check as _check, resolve_path
 from rollout.data.config import DataConfig, validate_data_config
 
-__all__ = ["REPO_ROOT", "ConfigError", "DataConfig", "RunConfig", "parse_config", "resolve_path", "validate"]
+__all__ = ["REPO_ROOT", "ConfigError", "DataConfig", "LoopConfig", "RolloutConfig", "RunConfig", "parse_config",
+           "resolve_path", "validate"]
 
 
 @dataclass
@@ -20,24 +22,6 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"
     # Megatron layer modules: auto = TransformerEngine with a GPU and transformer_engine, else local (CPU).
     layer_spec: Literal["auto", "local", "te"] = "auto"
-
-
-@dataclass
-class RolloutConfig:
-    num_engines: int = 1
-    prompts_per_step: int = 4
-    samples_per_prompt: int = 4
-    max_new_tokens: int = 32
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_total_tokens: int = 16384  # KV-cache size per engine; SGLang would otherwise take most of RAM on CPU
-    engine_start_timeout_s: float = 300.0
-    engine_cpus: float = 1.0
-    # APRIL (rollout/april.py): over-sample prompt groups, abort the stragglers once prompts_per_step groups
-    # finished, resume their partial responses next step from a buffer (docs/design.md, "Partial rollouts").
-    partial_rollout: bool = False
-    over_sample_prompts: int = 0  # extra groups started per step (only with partial_rollout)
-    max_staleness: int = 1  # a buffered token may be at most this many weight versions old, else regenerated
 
 
 @dataclass
@@ -60,12 +44,23 @@ class TrainerConfig:
     clip_eps_low: float = 0.2
     clip_eps_high: float = 0.28
     advantage_eps: float = 1e-6
-    # Truncated importance sampling: weight each token by min(pi_old / pi_rollout, tis_clip); 0 = off.
-    tis_clip: float = 0.0
+    # Optimizer steps per rollout batch (consecutive slices of it); above 1 the PPO clip acts on how far the
+    # policy moved from pi_prox, the policy before the batch's first step (one extra forward pass per batch).
+    num_minibatches: int = 1
+    # Behaviour correction: weight each token by pi_prox / pi_behav (the engine's logprob) -- decoupled PPO
+    # (AReaL) -- truncated at tis_clip when that is set; tis_clip alone is truncated importance sampling.
+    decoupled_ppo: bool = False
+    tis_clip: float = 0.0  # 0 = no truncation (and, without decoupled_ppo, no weighting)
+    # Leave tokens generated more than this many policy versions ago out of the loss; None = keep all.
+    max_token_age: int | None = None
     # Auxiliary-loss-free load balancing of the MoE router's selection bias; 0 keeps the checkpoint's bias.
     moe_router_bias_update_rate: float = 0.0
     seed: int = 1234
-    weight_sync: Literal["tensor", "disk"] = "tensor"
+    # How weights reach the engines after each step (trainer/weight_sync, docs/weight-sync.md): tensor = colocated
+    # (shared-memory / CUDA-IPC buckets), distributed = broadcast over a weight-update group, disk = HF checkpoint.
+    weight_sync: Literal["tensor", "distributed", "disk"] = "tensor"
+    weight_sync_bucket_mb: float = 256.0  # most a sending rank holds beyond its shard while sending
+    weight_sync_verify: bool = False  # read every tensor's checksum back from every engine after each push
     cpus_per_rank: float = 1.0
 
 
@@ -131,28 +126,24 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
     output_dir: str = "outputs/run"
 
 
 def validate(cfg: RunConfig) -> RunConfig:
-    r, t = cfg.rollout, cfg.trainer
+    t = cfg.trainer
+    validate_rollout_config(cfg.rollout, cfg.loop)
     for path, value in [
-        ("rollout.num_engines", r.num_engines), ("rollout.prompts_per_step", r.prompts_per_step),
-        ("rollout.max_new_tokens", r.max_new_tokens), ("rollout.max_total_tokens", r.max_total_tokens),
         ("trainer.num_steps", t.num_steps), ("trainer.world_size", t.world_size),
         ("trainer.expert_parallel", t.expert_parallel), ("trainer.micro_batch_size", t.micro_batch_size),
         ("trainer.tensor_parallel", t.tensor_parallel), ("trainer.pipeline_parallel", t.pipeline_parallel),
+        ("trainer.num_minibatches", t.num_minibatches),
     ]:
         _check(value >= 1, path, f"must be >= 1, got {value}")
-    _check(r.samples_per_prompt >= 2, "rollout.samples_per_prompt",
-           f"GRPO needs at least 2 samples per prompt to normalise within a group, got {r.samples_per_prompt}")
-    _check(r.temperature > 0, "rollout.temperature", f"must be > 0, got {r.temperature}")
-    _check(0 < r.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {r.top_p}")
-    _check(r.over_sample_prompts >= 0, "rollout.over_sample_prompts", f"must be >= 0, got {r.over_sample_prompts}")
-    _check(r.max_staleness >= 0, "rollout.max_staleness", f"must be >= 0, got {r.max_staleness}")
-    _check(r.partial_rollout or r.over_sample_prompts == 0, "rollout.over_sample_prompts",
-           "only takes effect with rollout.partial_rollout=true")
+    _check(t.max_token_age is None or t.max_token_age >= 0, "trainer.max_token_age",
+           f"must be >= 0 or null, got {t.max_token_age}")
     _check(t.lr > 0, "trainer.lr", f"must be > 0, got {t.lr}")
+    _check(t.weight_sync_bucket_mb > 0, "trainer.weight_sync_bucket_mb", f"must be > 0, got {t.weight_sync_bucket_mb}")
     _check(cfg.checkpoint.save_interval >= 0, "checkpoint.save_interval",
            f"must be >= 0 (0 = never), got {cfg.checkpoint.save_interval}")
     e = cfg.eval

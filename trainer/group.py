@@ -16,9 +16,10 @@ _PORT_ATTEMPTS = 3
 
 
 class TrainerGroup:
-    def __init__(self, cfg: TrainerConfig, checkpoint_dir: str, layer_spec: str = "auto"):
+    def __init__(self, cfg: TrainerConfig, checkpoint_dir: str, layer_spec: str = "auto", temperature: float = 1.0):
         self.cfg = cfg
-        rank_cfg = {**dataclasses.asdict(cfg), "layer_spec": layer_spec}
+        # The engines' sampling temperature: the trainer's logprobs must be of the distribution they sampled from.
+        rank_cfg = {**dataclasses.asdict(cfg), "layer_spec": layer_spec, "temperature": temperature}
         # free_port() closes the port it found before rank 0 binds it, so another process can take it in between
         # (seen once in CI: EADDRINUSE in init_process_group). Such a start is retried on a new port.
         for attempt in range(_PORT_ATTEMPTS):
@@ -58,24 +59,48 @@ class TrainerGroup:
                 out[info["dp_rank"] + j * self.dp_size] = v
         return out  # type: ignore[return-value]
 
-    def train_step(self, items: list[TrainItem]) -> dict[str, float]:
-        global_tokens = sum(len(it.tokens) - it.prompt_len for it in items)
-        per_rank = self._call("train_step", items, global_tokens)
-        # Loss statistics exist on the last pipeline stage; tensor-parallel twins report the same numbers.
-        reporting = [r for r, info in zip(per_rank, self.info) if info["last_stage"] and info["tp_rank"] == 0]
-        total = {k: sum(r[k] for r in reporting) for k in ("pg_loss", "clipped", "approx_kl", "tokens",
-                                                           "logprob_abs_diff", "tis_weight", "tis_truncated")}
-        tokens = max(total["tokens"], 1.0)
-        tis = {"train/tis_weight_mean": total["tis_weight"] / tokens,
-               "train/tis_truncated_frac": total["tis_truncated"] / tokens} if self.cfg.tis_clip else {}
-        return {**tis,
+    def train_step(self, items: list[TrainItem], train_version: int = 0) -> dict[str, float]:
+        """Trains on a rollout batch in `trainer.num_minibatches` optimizer steps (consecutive slices of the batch).
+        With several steps the proximal logprobs (the policy before the first step) are computed first,
+        so later steps' PPO ratios measure how far the policy moved and the clip can act. `train_version` is the
+        policy version being trained (tokens it generated count as current in the metrics)."""
+        num_mini = min(self.cfg.num_minibatches, len(items))
+        if num_mini > 1:
+            prox = self.compute_logprobs(items)
+            items = [dataclasses.replace(it, prox_logprobs=p) for it, p in zip(items, prox)]
+        bounds = [round(i * len(items) / num_mini) for i in range(num_mini + 1)]
+        steps = []
+        for lo, hi in zip(bounds, bounds[1:]):
+            chunk = items[lo:hi]
+            global_tokens = sum(_loss_tokens(it) for it in chunk)
+            per_rank = self._call("train_step", chunk, global_tokens, train_version)
+            # Loss statistics exist on the last pipeline stage; tensor-parallel twins report the same numbers.
+            reporting = [r for r, info in zip(per_rank, self.info) if info["last_stage"] and info["tp_rank"] == 0]
+            steps.append(({k: sum(r[k] for r in reporting) for k in reporting[0] if k != "grad_norm"},
+                          per_rank[0]["grad_norm"]))
+        total = {k: sum(s[k] for s, _ in steps) for k in steps[0][0]}
+        tokens, response = max(total["tokens"], 1.0), max(total["response_tokens"], 1.0)
+        current, stale = total["current_tokens"], total["response_tokens"] - total["current_tokens"]
+        metrics = {
             "train/pg_loss": total["pg_loss"] / tokens,
             "train/pg_clipfrac": total["clipped"] / tokens,
             "train/ppo_kl": total["approx_kl"] / tokens,
-            "train/train_rollout_logprob_abs_diff": total["logprob_abs_diff"] / tokens,
-            "train/grad_norm": per_rank[0]["grad_norm"],
-            "train/response_tokens": total["tokens"],
+            "train/train_rollout_logprob_abs_diff": total["logprob_abs_diff"] / response,
+            "train/train_rollout_logprob_abs_diff_current": total["current_logprob_abs_diff"] / max(current, 1.0),
+            "train/train_rollout_logprob_abs_diff_stale":
+                (total["logprob_abs_diff"] - total["current_logprob_abs_diff"]) / max(stale, 1.0),
+            "train/grad_norm": steps[-1][1],
+            "train/grad_norm_mean": sum(g for _, g in steps) / len(steps),
+            "train/response_tokens": total["response_tokens"],
+            "train/loss_tokens": total["tokens"],
+            "train/masked_tokens": total["response_tokens"] - total["tokens"],
+            "train/stale_token_frac": stale / response,
+            "train/optimizer_steps": float(len(steps)),
         }
+        if self.cfg.tis_clip or self.cfg.decoupled_ppo:
+            metrics.update({"train/tis_weight_mean": total["tis_weight"] / tokens,
+                            "train/tis_truncated_frac": total["tis_truncated"] / tokens})
+        return metrics
 
     def export_weights(self, grads: bool = False) -> ray.ObjectRef:
         """A reference to rank 0's HF-named full weights (all ranks join the gather); engines resolve it
@@ -99,3 +124,8 @@ class TrainerGroup:
         ray.get([r.shutdown.remote() for r in self.ranks])
         for r in self.ranks:
             ray.kill(r)
+
+
+def _loss_tokens(item: TrainItem) -> float:
+    n = len(item.tokens) - item.prompt_len
+    return float(n if item.loss_mask is None else sum(item.loss_mask))

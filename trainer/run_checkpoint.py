@@ -2,7 +2,8 @@
 
     <output_dir>/checkpoints/step_000004/
         trainer/rank_NNN.pt   each rank's weights, Adam moments and RNG (TrainRank.save_state)
-        run_state.json        next step, weight version, data cursor, partial-rollout buffer, W&B run id
+        run_state.json        next step, weight version, the rollout manager's state (data cursor, every prompt group
+                              admitted and not yet trained, partial ones with their tokens), W&B run id
     <output_dir>/checkpoints/latest   the name of the newest complete checkpoint
 
 A checkpoint directory is written under a temporary name and renamed when complete, and `latest` is replaced
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 STATE_FILE = "run_state.json"
-FORMAT = 1
+FORMAT = 2  # 2: the rollout manager's state replaced the data cursor + partial-rollout buffer
 
 
 def checkpoints_dir(output_dir: Path) -> Path:
@@ -44,15 +45,17 @@ def read_run_state(path: Path) -> dict[str, Any]:
     return state
 
 
-def check_resumable(path: Path, state: dict[str, Any], partial_rollout: bool) -> None:
-    """What the config must keep to continue this checkpoint, checked before Ray starts."""
+def check_resumable(path: Path, state: dict[str, Any], rollout) -> None:
+    """What the config must keep to continue this checkpoint, checked before Ray starts (`rollout` is the run's
+    RolloutConfig)."""
     from trainer.config import ConfigError
 
-    buffered = (state.get("buffer") or {}).get("groups") or []
-    if buffered and not partial_rollout:
-        # Continuing without the buffer would silently drop prompts the data cursor already counts as served.
-        raise ConfigError(f"rollout.partial_rollout: {path} holds {len(buffered)} partial-rollout groups; resume "
-                          "with rollout.partial_rollout=true")
+    groups = state["rollout"]["flow"]["groups"]
+    sizes = sorted({len(g) for g in groups})
+    if sizes and sizes != [rollout.samples_per_prompt]:
+        # The saved groups would be trained with a different group size than their advantages assume.
+        raise ConfigError(f"rollout.samples_per_prompt: {path} holds {len(groups)} prompt groups of {sizes} samples; "
+                          f"resume with rollout.samples_per_prompt={sizes[0]}")
 
 
 def save_checkpoint(output_dir: Path, next_step: int, run_state: dict[str, Any],

@@ -1,54 +1,49 @@
-"""What the loop in trainer/main.py drives: engines, trainer ranks, data, reward and logging, one call each."""
+"""What the loop in trainer/main.py drives, one call each: the rollout manager (prompts, engines, rewards; a Ray
+actor), the Megatron trainer ranks, the weight push between them, run checkpoints and logging."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
-import statistics
+import time
 from pathlib import Path
 
 import ray
 import torch
 
 from glm5_model.hf_checkpoint import ensure_checkpoint
-from glm5_model.tokenizer.build import stop_token_ids
-from rewards import RewardRunner, RewardSpec, RunnerSettings, reward_batch_metrics
-from rollout.april import generate_april
-from rollout.buffer import RolloutBufferActor
-from rollout.data import DataExhausted, PromptRow, PromptSource, load_data, make_source, render_prompt
-from rollout.engine import RolloutEngineActor
-from rollout.generation import SamplingSettings, generate_groups, make_group, score_samples
-from rollout.sample import Sample
-from trainer.batching import TrainItem
+from rewards import RewardSpec, RunnerSettings
+from rollout.data import PromptRow, load_data
+from rollout.generation import SamplingSettings
+from rollout.manager import EngineSpec, EnginesJoining, RolloutBatch, RolloutManagerActor
+from trainer.batching import train_items
 from trainer.config import ConfigError, RunConfig, resolve_path
 from trainer.group import TrainerGroup
 from trainer.losses import grpo_advantages
 from trainer.run_checkpoint import check_resumable, latest_checkpoint, read_run_state, save_checkpoint
+from trainer.weight_sync.strategies import build_weight_sync
 
 log = logging.getLogger("slipstream")
 
 
 class Runtime:
-    def __init__(self, cfg: RunConfig, checkpoint: Path, engines: list, trainer: TrainerGroup, tokenizer,
-                 data: PromptSource, wandb_run, resume_from: tuple[Path, dict] | None = None,
-                 eval_rows: list[PromptRow] | None = None):
-        self.cfg, self.checkpoint, self.engines, self.trainer = cfg, checkpoint, engines, trainer
-        self.resume_from, self.eval_rows = resume_from, eval_rows or []  # (checkpoint dir, its run state)
-        self.tokenizer, self.data, self.wandb_run = tokenizer, data, wandb_run
-        r = cfg.reward
-        self.rewards = RewardRunner([RewardSpec(t.name, t.weight, t.kwargs) for t in r.terms()],
-                                    RunnerSettings(r.timeout_s, r.max_concurrency, r.fallback_score, r.cache_size))
-        self.settings = SamplingSettings(cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p,
-                                         tuple(stop_token_ids(tokenizer)))
+    def __init__(self, cfg: RunConfig, rollout, trainer: TrainerGroup, wandb_run, eval_rows: list[PromptRow],
+                 resume_from: tuple[Path, dict] | None, stop_token_ids: tuple[int, ...]):
+        self.cfg, self.rollout, self.trainer, self.wandb_run = cfg, rollout, trainer, wandb_run
+        self.eval_rows, self.resume_from, self.stop_token_ids = eval_rows, resume_from, stop_token_ids
         self.output_dir = resolve_path(cfg.output_dir)
-        # APRIL: partial groups live in an actor between steps (see rollout/april.py).
-        self.buffer = (RolloutBufferActor.options(num_cpus=0).remote(cfg.rollout.max_staleness)
-                       if cfg.rollout.partial_rollout else None)
-        self._april_metrics: dict[str, float] = {}
+        self.engines = ray.get(rollout.engine_handles.remote())
+        self.weight_sync = self._build_weight_sync(self.engines)
+        self.trace = self.output_dir / "trace" / "batches.jsonl"  # which prompts each step trained
 
     @classmethod
-    def start(cls, cfg: RunConfig) -> "Runtime":
+    def start(cls, cfg: RunConfig, manager_actor=RolloutManagerActor) -> "Runtime":
+        """Everything up: checks (before Ray), Ray, the rollout manager (`manager_actor`: RolloutManagerActor or a
+        Ray actor class of a RolloutManager subclass) with its engines, the trainer ranks, W&B."""
         from transformers import AutoTokenizer
+
+        from glm5_model.tokenizer.build import stop_token_ids
 
         checkpoint = ensure_checkpoint(cfg.model.preset, resolve_path(cfg.model.checkpoint_dir), cfg.model.init_seed)
         tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
@@ -59,100 +54,117 @@ class Runtime:
         resume_from = latest_checkpoint(resolve_path(cfg.output_dir)) if cfg.checkpoint.resume else None
         saved = read_run_state(resume_from) if resume_from else None
         if saved is not None:
-            check_resumable(resume_from, saved, cfg.rollout.partial_rollout)
+            check_resumable(resume_from, saved, cfg.rollout)
         if not ray.is_initialized():
-            needed = cfg.rollout.num_engines * cfg.rollout.engine_cpus + cfg.trainer.world_size * cfg.trainer.cpus_per_rank
+            r = cfg.rollout
+            needed = r.num_engines * r.engine_cpus + cfg.trainer.world_size * cfg.trainer.cpus_per_rank
             # Logical CPUs: actors mostly wait on each other, so we let them share the physical cores.
             ray.init(num_cpus=max(int(needed) + 1, os.cpu_count() or 1), include_dashboard=False,
                      log_to_driver=True)
-        engines = [RolloutEngineActor.options(num_cpus=cfg.rollout.engine_cpus).remote(
-                       str(checkpoint), dtype=cfg.model.dtype, max_total_tokens=cfg.rollout.max_total_tokens,
-                       seed=cfg.trainer.seed + i, start_timeout_s=cfg.rollout.engine_start_timeout_s)
-                   for i in range(cfg.rollout.num_engines)]
-        trainer = TrainerGroup(cfg.trainer, str(checkpoint), layer_spec=cfg.model.layer_spec)
-        ray.get([e.weight_version.remote() for e in engines])  # engines are up
+        r, term_cfg = cfg.rollout, cfg.reward
+        engines = EngineSpec(str(checkpoint), r.num_engines, cfg.model.dtype, r.max_total_tokens, cfg.trainer.seed,
+                             r.engine_start_timeout_s, r.engine_cpus)
+        rollout = manager_actor.options(num_cpus=0).remote(
+            r, cfg.loop, cfg.data, data.train, engines,
+            [RewardSpec(t.name, t.weight, t.kwargs) for t in term_cfg.terms()],
+            RunnerSettings(term_cfg.timeout_s, term_cfg.max_concurrency, term_cfg.fallback_score, term_cfg.cache_size))
+        trainer = TrainerGroup(cfg.trainer, str(checkpoint), layer_spec=cfg.model.layer_spec,
+                               temperature=r.temperature)
+        ray.get(rollout.ready.remote())  # engines are up
         wandb_run = _init_wandb(cfg, resume_id=saved.get("wandb_run_id") if saved else None)
-        return cls(cfg, checkpoint, engines, trainer, tokenizer, make_source(cfg.data, data.train), wandb_run,
-                   (resume_from, saved) if saved is not None else None, data.eval)
+        return cls(cfg, rollout, trainer, wandb_run, data.eval, (resume_from, saved) if saved else None,
+                   tuple(stop_token_ids(tokenizer)))
 
     def resume(self) -> int:
-        """Restores the newest run checkpoint, if resuming: trainer state, data cursor and partial-rollout buffer,
-        and pushes the restored weights to the engines. Returns the step to continue from (0 for a fresh run)."""
-        if self.resume_from is None:
-            return 0
-        path, state = self.resume_from
-        try:
-            self.trainer.load_state(str(path / "trainer"))
-        except ray.exceptions.RayTaskError as exc:  # e.g. saved with another layout: the rank names the fields
-            raise ConfigError(f"trainer: cannot resume from {path}: {getattr(exc, 'cause', exc)}") from exc
-        self.data.load_state(state["data"])
-        if self.buffer is not None and state.get("buffer") is not None:  # (Runtime.start checked the opposite)
-            ray.get(self.buffer.load_state_dict.remote(state["buffer"]))
-        self.sync_weights(state["weight_version"])
-        print(f"resumed from {path} at step {state['next_step'] + 1}", flush=True)
-        return state["next_step"]
+        """Restores the newest run checkpoint, if resuming (trainer state, the rollout manager's prompts, groups
+        and partials; pushes the restored weights), then starts generation. Returns the step to continue from."""
+        start = 0
+        if self.resume_from is not None:
+            path, state = self.resume_from
+            try:
+                self.trainer.load_state(str(path / "trainer"))
+            except ray.exceptions.RayTaskError as exc:  # e.g. saved with another layout: the rank names the fields
+                raise ConfigError(f"trainer: cannot resume from {path}: {getattr(exc, 'cause', exc)}") from exc
+            ray.get(self.rollout.load_state.remote(state["rollout"]))
+            self.weight_sync.push(state["weight_version"])
+            ray.get(self.rollout.on_weights.remote(state["weight_version"]))
+            start = state["next_step"]
+            self._truncate_trace(start)
+            print(f"resumed from {path} at step {start + 1}", flush=True)
+        ray.get(self.rollout.start.remote())
+        return start
 
-    def save_checkpoint(self, step: int) -> None:
-        """A run checkpoint after `step` (0-based) every checkpoint.save_interval steps and after the last one."""
-        if not self._due(self.cfg.checkpoint.save_interval, step):
+    def next_batch(self, step: int) -> RolloutBatch:
+        """The batch of `step`. While the engine pool holds replacements for failed engines, they first get the
+        trainer's current weights (policy version `step`) and join."""
+        while True:
+            out = ray.get(self.rollout.next_batch.remote(step))
+            if not isinstance(out, EnginesJoining):
+                return out
+            sync = self._build_weight_sync(out.handles)
+            try:
+                sync.push(step)
+            finally:
+                sync.close()
+            ray.get(self.rollout.on_engines_joined.remote(out.handles))
+            log.info("%d replacement engine(s) joined at version %d", len(out.handles), step)
+
+    def _build_weight_sync(self, engines: list):
+        return build_weight_sync(self.cfg.trainer, self.trainer, engines, engine_dtype=self.cfg.model.dtype,
+                                 weights_dir=self.output_dir / "weights")
+
+    def _refresh_engines(self) -> None:
+        """Rebuilds the weight push when the pool's engines changed (one failed, a replacement joined)."""
+        engines = ray.get(self.rollout.engine_handles.remote())
+        if [e._actor_id for e in engines] == [e._actor_id for e in self.engines]:
             return
-        run_state = {"weight_version": step + 1, "data": self.data.state(),
-                     "buffer": ray.get(self.buffer.state_dict.remote()) if self.buffer is not None else None,
-                     "wandb_run_id": self.wandb_run.id if self.wandb_run is not None else None}
-        path = save_checkpoint(self.output_dir, step + 1, run_state, lambda d: self.trainer.save_state(str(d)),
-                               self.cfg.checkpoint.keep_last)
-        log.info("run checkpoint: %s", path)
+        try:
+            self.weight_sync.close()
+        except ray.exceptions.RayActorError:  # the old set held an engine that is gone
+            pass
+        self.engines, self.weight_sync = engines, self._build_weight_sync(engines)
 
-    def generate(self, step: int) -> list[Sample]:
-        r = self.cfg.rollout
-        if self.buffer is None:
-            rows = self.data.next_batch(r.prompts_per_step)
-            prompt_ids = [render_prompt(self.tokenizer, row) for row in rows]
-            return generate_groups(self.engines, rows, prompt_ids, r.samples_per_prompt, self.settings,
-                                   first_group_id=step * len(rows))
-        per_step = r.prompts_per_step + r.over_sample_prompts
-
-        def new_groups(n: int) -> list[list[Sample]]:
-            # Group ids stay unique across steps: a step starts at most `per_step` fresh groups.
-            rows = self.data.next_batch(n) if n and not self.data.exhausted else []
-            return [make_group(row, render_prompt(self.tokenizer, row), step * per_step + i, r.samples_per_prompt)
-                    for i, row in enumerate(rows)]
-
-        result = generate_april(self.engines, self.buffer, new_groups, self.settings,
-                                target_groups=r.prompts_per_step, over_sample_groups=r.over_sample_prompts,
-                                version=step,
-                                decode=lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True))
-        if not result.samples:
-            raise DataExhausted("no prompt group finished: the data is exhausted and the partial-rollout buffer "
-                                "has nothing left to finish")
-        self._april_metrics = {f"rollout/april/{k}": v for k, v in result.metrics.items()}
-        return result.samples
-
-    def score(self, samples: list[Sample]) -> None:
-        score_samples(samples, self.rewards)
-
-    def train(self, samples: list[Sample]) -> dict[str, float]:
+    def train(self, batch: RolloutBatch) -> dict[str, float]:
+        """GRPO advantages within each group, then the trainer's optimizer step(s) at policy version batch.step."""
+        samples = batch.samples
         rewards = torch.tensor([s.reward for s in samples], dtype=torch.float32)
         advantages = grpo_advantages(rewards, self.cfg.rollout.samples_per_prompt, self.cfg.trainer.advantage_eps)
-        items = [TrainItem(s.tokens, len(s.prompt_ids), float(a), s.response_logprobs)
-                 for s, a in zip(samples, advantages.tolist()) if s.response_length > 0]
-        return self.trainer.train_step(items)
+        items = train_items(samples, advantages.tolist(), batch.step, self._max_token_age())
+        metrics = self.trainer.train_step(items, train_version=batch.step)
+        self._trace(batch)
+        return {**batch.metrics, **metrics, "train/advantage_abs_mean": advantages.abs().mean().item()}
 
-    def sync_weights(self, version: int) -> None:
-        if self.cfg.trainer.weight_sync == "disk":
-            path = self.trainer.save_hf_checkpoint(str(self.output_dir / "weights" / f"v{version}"))
-            ray.get([e.update_weights_from_disk.remote(path, version) for e in self.engines])
-        else:
-            ref = self.trainer.export_weights()
-            ray.get([e.update_weights_from_tensors.remote(ref, version) for e in self.engines])
+    def _max_token_age(self) -> int | None:
+        limits = [self.cfg.trainer.max_token_age,
+                  self.cfg.rollout.max_staleness if self.cfg.rollout.stale_policy == "mask" else None]
+        limits = [x for x in limits if x is not None]
+        return min(limits) if limits else None
 
-    def _due(self, interval: int, step: int) -> bool:
-        """Whether a periodic stage runs after `step` (0-based): every `interval` steps and after the last step;
-        never with interval 0."""
-        return bool(interval) and ((step + 1) % interval == 0 or step + 1 == self.cfg.trainer.num_steps)
+    def sync_weights(self, step: int) -> dict[str, float]:
+        """After train step `step`, every loop.sync_interval steps: the engines get policy version step + 1 while
+        the rollout manager holds their in-flight requests (drained, paused or aborted, by loop mode)."""
+        version = step + 1
+        if version % self.cfg.loop.sync_interval and version != self.cfg.trainer.num_steps:
+            return {}
+        ray.get(self.rollout.pause_for_weights.remote())
+        self._refresh_engines()
+        try:
+            metrics = self.weight_sync.push(version)  # trainer/weight_sync: bucketed, from the owning ranks
+        except ray.exceptions.RayActorError:  # an engine died under the push: once the pool replaced it, again
+            self._wait_for_engine_change()
+            metrics = self.weight_sync.push(version)
+        ray.get(self.rollout.on_weights.remote(version))
+        return {**metrics, "perf/weight_version": float(version)}
 
-    def rollout_metrics(self, samples: list[Sample]) -> dict[str, float]:
-        return {**self._sample_metrics(samples, "rollout", "reward"), **self._april_metrics}
+    def _wait_for_engine_change(self, timeout_s: float | None = None) -> None:
+        deadline = time.monotonic() + (timeout_s or 2 * self.cfg.rollout.health_timeout_s)
+        before = [e._actor_id for e in self.engines]
+        while time.monotonic() < deadline:
+            self._refresh_engines()
+            if [e._actor_id for e in self.engines] != before:
+                return
+            time.sleep(0.5)
+        raise RuntimeError("a weight push failed on an engine the pool did not replace")
 
     def evaluate(self, step: int) -> dict[str, float]:
         """eval/* metrics for the eval rows under the weights the engines now hold, every eval.interval steps and
@@ -160,36 +172,55 @@ class Runtime:
         e = self.cfg.eval
         if not self._due(e.interval, step):
             return {}
-        rows = self.eval_rows[:e.max_prompts]
-        settings = dataclasses.replace(self.settings, temperature=e.temperature,
-                                       max_new_tokens=e.max_new_tokens or self.settings.max_new_tokens)
-        samples = generate_groups(self.engines, rows, [render_prompt(self.tokenizer, r) for r in rows],
-                                  e.samples_per_prompt, settings)
-        score_samples(samples, self.rewards)
-        return {**self._sample_metrics(samples, "eval", "eval/reward"), "eval/prompts": float(len(rows))}
+        settings = SamplingSettings(e.max_new_tokens or self.cfg.rollout.max_new_tokens, e.temperature,
+                                    self.cfg.rollout.top_p, self.stop_token_ids)
+        return ray.get(self.rollout.evaluate.remote(self.eval_rows[:e.max_prompts], settings, e.samples_per_prompt))
 
-    def _sample_metrics(self, samples: list[Sample], prefix: str, reward_prefix: str) -> dict[str, float]:
-        metrics = {f"{prefix}/raw_reward": statistics.fmean(s.reward for s in samples),
-                   f"{prefix}/response_len/mean": statistics.fmean(s.response_length for s in samples),
-                   f"{prefix}/truncated_frac": statistics.fmean(s.status.value == "truncated" for s in samples)}
-        for key in sorted({k for s in samples for k in s.reward_components}):
-            values = [s.reward_components[key] for s in samples if key in s.reward_components]
-            metrics[f"{reward_prefix}/{key}"] = statistics.fmean(values)
-        for term in self.cfg.reward.terms():
-            batch = reward_batch_metrics_for(term.name, [s.reward_components for s in samples])
-            metrics.update({reward_prefix + k[len("reward"):]: v for k, v in batch.items()})
-        return metrics
+    def save_checkpoint(self, step: int) -> None:
+        """A run checkpoint after `step` (0-based) every checkpoint.save_interval steps and after the last one."""
+        if not self._due(self.cfg.checkpoint.save_interval, step):
+            return
+        run_state = {"weight_version": step + 1, "rollout": ray.get(self.rollout.state.remote()),
+                     "wandb_run_id": self.wandb_run.id if self.wandb_run is not None else None}
+        path = save_checkpoint(self.output_dir, step + 1, run_state, lambda d: self.trainer.save_state(str(d)),
+                               self.cfg.checkpoint.keep_last)
+        log.info("run checkpoint: %s", path)
 
-    def log(self, step: int, metrics: dict[str, float]) -> None:
-        print(f"step {step + 1}/{self.cfg.trainer.num_steps} reward {metrics['rollout/raw_reward']:.4f} "
-              f"pg_loss {metrics['train/pg_loss']:+.4f} grad_norm {metrics['train/grad_norm']:.3f} "
-              f"resp_len {metrics['rollout/response_len/mean']:.1f} "
-              f"|train-rollout logp| {metrics['train/train_rollout_logprob_abs_diff']:.2e} "
-              f"rollout {metrics['perf/rollout_time']:.1f}s train {metrics['perf/train_time']:.1f}s "
-              f"sync {metrics['perf/update_weights_time']:.1f}s{_april_summary(metrics)}{_eval_summary(metrics)}",
-              flush=True)
+    def _due(self, interval: int, step: int) -> bool:
+        """Whether a periodic stage runs after `step` (0-based): every `interval` steps and after the last step;
+        never with interval 0."""
+        return bool(interval) and ((step + 1) % interval == 0 or step + 1 == self.cfg.trainer.num_steps)
+
+    def _trace(self, batch: RolloutBatch) -> None:
+        self.trace.parent.mkdir(parents=True, exist_ok=True)
+        groups = [{"group": g[0].group_id, "row": g[0].metadata.get("row"), "epoch": g[0].metadata.get("epoch")}
+                  for g in batch.groups]
+        with self.trace.open("a") as f:
+            f.write(json.dumps({"step": batch.step, "time": time.time(), "groups": groups}) + "\n")
+
+    def _truncate_trace(self, next_step: int) -> None:
+        """A resumed run redoes the steps after its checkpoint: their lines go."""
+        if self.trace.is_file():
+            lines = [ln for ln in self.trace.read_text().splitlines() if json.loads(ln)["step"] < next_step]
+            self.trace.write_text("".join(ln + "\n" for ln in lines))
+
+    def log(self, batch: RolloutBatch, metrics: dict[str, float]) -> None:
+        step = batch.step
+        m = metrics
+        print(f"step {step + 1}/{self.cfg.trainer.num_steps} reward {m['rollout/raw_reward']:.4f} "
+              f"pg_loss {m['train/pg_loss']:+.4f} grad_norm {m['train/grad_norm']:.3f} "
+              f"resp_len {m['rollout/response_len/mean']:.1f} "
+              f"|train-rollout logp| {m['train/train_rollout_logprob_abs_diff_current']:.2e} "
+              f"stale {m['rollout/staleness/max']:.0f} "
+              f"wait {m['perf/rollout_time']:.1f}s train {m['perf/train_time']:.1f}s "
+              f"sync {m['perf/update_weights_time']:.1f}s{_partial_summary(m)}{_eval_summary(m)}", flush=True)
         if self.wandb_run is not None:
-            self.wandb_run.log({**metrics, "train/step": step + 1, "rollout/step": step + 1})
+            import wandb
+
+            ages = sorted(batch.token_ages.items())
+            hist = {"rollout/staleness/hist": wandb.Histogram(np_histogram=(
+                [n for _, n in ages], [a for a, _ in ages] + [ages[-1][0] + 1]))} if ages else {}
+            self.wandb_run.log({**metrics, **hist, "train/step": step + 1, "rollout/step": step + 1})
 
     def save_final(self) -> None:
         path = self.trainer.save_hf_checkpoint(str(self.output_dir / "final"))
@@ -197,8 +228,9 @@ class Runtime:
 
     def shutdown(self) -> None:
         try:
+            self.weight_sync.close()
             self.trainer.shutdown()
-            ray.get([e.shutdown.remote() for e in self.engines], timeout=60)
+            ray.get(self.rollout.shutdown.remote(), timeout=180)
         finally:
             if self.wandb_run is not None:
                 self.wandb_run.finish()
@@ -211,23 +243,13 @@ def _eval_summary(metrics: dict[str, float]) -> str:
     return f" | eval reward {metrics['eval/raw_reward']:.4f} ({metrics['eval/prompts']:.0f} prompts)"
 
 
-def _april_summary(metrics: dict[str, float]) -> str:
-    if "rollout/april/groups_resumed" not in metrics:
+def _partial_summary(m: dict[str, float]) -> str:
+    """Partial-rollout counters, when there is anything to say."""
+    resumed, partial = m.get("rollout/flow/total_resumed_requests", 0.0), m.get("rollout/flow/partial_samples", 0.0)
+    if not resumed and not partial:
         return ""
-    return (f" | april resumed {metrics['rollout/april/groups_resumed']:.0f} "
-            f"aborted {metrics['rollout/april/aborted_samples']:.0f} "
-            f"buffered {metrics['rollout/april/buffer/buffered_groups']:.0f}")
-
-
-def reward_batch_metrics_for(name: str, components: list[dict[str, float]]) -> dict[str, float]:
-    """reward/<name>/<metric> from the reward's own batch-metrics function (e.g. factuality's hallucination
-    rate), fed the components of that reward only (the runner prefixes them with '<name>/')."""
-    fn = reward_batch_metrics(name)
-    if fn is None:
-        return {}
-    prefix = f"{name}/"
-    own = [{k[len(prefix):]: v for k, v in c.items() if k.startswith(prefix)} for c in components]
-    return {f"reward/{name}/{k}": float(v) for k, v in fn(own).items()}
+    return (f" | resumed {resumed:.0f} aborted {m.get('rollout/flow/total_aborted_requests', 0.0):.0f} "
+            f"partial {partial:.0f} live {m.get('rollout/flow/live_groups', 0.0):.0f}")
 
 
 def _init_wandb(cfg: RunConfig, resume_id: str | None = None):

@@ -6,7 +6,8 @@ are built) and at the start of every scheduler process (`run_scheduler_process`)
 in either. The platform calls `apply_patches()` again from `init_backend()` (each worker) and
 `apply_server_args_defaults()` (launching process) so no process can miss them; applying twice is a no-op.
 
-Nothing is patched when CUDA is present: on a GPU SGLang's own kernels serve GLM-5, DSA included.
+Nothing is patched when CUDA is present: on a GPU SGLang's own kernels serve GLM-5, DSA included. The same entry
+point installs rollout/weight_receiver.py (checksummed bucket receive, weight read-back) on every device.
 
 The patches (the "A/B/C" names are used in logs, errors and the canary test):
   A. rope: `get_rope_cpu` asserts the rope scaling is `deepseek_yarn`; any other scaling (our checkpoints use
@@ -64,6 +65,10 @@ RELIED_ON_NAMES: dict[tuple[str, str], str] = {
     ("sglang.srt.managers.tokenizer_manager", "TokenizerManager"): "rollout/engine.py (abort_request)",
     ("sglang.srt.entrypoints.engine", "kill_process_tree"): "rollout/engine.py (shutdown kills only its own "
                                                             "processes)",
+    ("sglang.srt.weight_sync.tensor_bucket", "FlattenedTensorMetadata"): "rollout/engine.py (load_bucket)",
+    ("sglang.srt.utils", "MultiprocessingSerializer"): "rollout/engine.py (load_bucket)",
+    ("sglang.srt.utils", "init_custom_process_group"): "trainer/weight_sync/sender.py (the sending end of a "
+                                                       "weight-update group)",
 }
 
 _lock = threading.Lock()
@@ -71,8 +76,12 @@ _applied = False
 
 
 def apply_patches() -> None:
-    """Applies patches A, B and C once per process; does nothing when CUDA is available."""
+    """Installs the weight-push receiver (rollout/weight_receiver.py, on every device: this entry point is how
+    it reaches SGLang's scheduler process), then applies patches A, B and C once per process on CPU only."""
     global _applied
+    from rollout import weight_receiver
+
+    weight_receiver.install()
     if torch.cuda.is_available():
         return
     with _lock:

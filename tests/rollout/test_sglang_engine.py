@@ -1,9 +1,9 @@
-"""SGLangEngine on the tiny GLM-5 checkpoint (CPU, fp32): logprobs against transformers, score(), weight updates,
-abort, and the Ray actor. One in-process engine is shared by the module (each start costs ~20-30 s)."""
+"""SGLangEngine on the tiny GLM-5 checkpoint (CPU, fp32): logprobs against transformers (also at a temperature),
+score(), weight updates, streaming submit/collect, abort, pause in place / retract across a weight update (per-token
+versions), and the Ray actor. One in-process engine is shared by the module (each start costs ~20-30 s)."""
 from __future__ import annotations
 
 import shutil
-import threading
 import time
 
 import pytest
@@ -13,6 +13,7 @@ import sglang  # noqa: F401  -- no importorskip: a missing sglang must fail, not
 
 from glm5_model.hf_checkpoint import load_hf_state_dict
 from rollout.engine import EngineStartError, RolloutEngineActor, SGLangEngine
+from rollout.protocol import EngineRequest
 
 STOP_IDS = [0, 7, 9]
 LOGPROB_MEAN_TOL = 1e-4
@@ -25,9 +26,9 @@ def _prompts(n: int, seed: int) -> list[list[int]]:
             for _ in range(n)]
 
 
-def _requests(prompts, max_new_tokens=16, **params):
+def _requests(prompts, max_new_tokens=16, prefix="r", **params):
     sp = {"max_new_tokens": max_new_tokens, "temperature": 1.0, "top_p": 1.0, "stop_token_ids": STOP_IDS, **params}
-    return [{"input_ids": p, "sampling_params": dict(sp)} for p in prompts]
+    return [EngineRequest(f"{prefix}-{time.monotonic_ns()}-{i}", p, dict(sp)) for i, p in enumerate(prompts)]
 
 
 def _hf_model(path):
@@ -51,20 +52,20 @@ def _write_checkpoint(src, dst, state_dict):
 
 
 @torch.no_grad()
-def _hf_logprobs(model, prompt: list[int], output: list[int]) -> list[float]:
+def _hf_logprobs(model, prompt: list[int], output: list[int], temperature: float = 1.0) -> list[float]:
     """transformers' logprob of each output token given the prompt and the output tokens before it."""
     ids = torch.tensor([prompt + output])
-    logits = model(input_ids=ids).logits[0].float()
+    logits = model(input_ids=ids).logits[0].float() / temperature
     logprobs = torch.log_softmax(logits, dim=-1)
     positions = torch.arange(len(prompt) - 1, len(prompt) + len(output) - 1)
     return logprobs[positions, torch.tensor(output)].tolist()
 
 
-def _diffs(model, prompts, results) -> torch.Tensor:
+def _diffs(model, prompts, results, temperature: float = 1.0) -> torch.Tensor:
     diffs = []
     for prompt, res in zip(prompts, results):
-        ref = _hf_logprobs(model, prompt, res["output_ids"])
-        diffs.extend(abs(a - b) for a, b in zip(ref, res["output_logprobs"]))
+        ref = _hf_logprobs(model, prompt, res.output_ids, temperature)
+        diffs.extend(abs(a - b) for a, b in zip(ref, res.output_logprobs))
     return torch.tensor(diffs)
 
 
@@ -92,31 +93,42 @@ def test_generate_logprobs_match_transformers(engine, tiny_checkpoint):
     results = engine.generate(_requests(prompts))
     assert len(results) == len(prompts)
     for res in results:
-        assert res["weight_version"] == 0
-        assert res["finish_reason"] in ("stop", "length")
-        assert len(res["output_ids"]) == len(res["output_logprobs"]) > 0
-        assert all(0 <= t < 512 for t in res["output_ids"])
-        assert isinstance(res["text"], str)
+        assert res.output_versions == [0] * len(res.output_ids)
+        assert res.finish_reason in ("stop", "length")
+        assert len(res.output_ids) == len(res.output_logprobs) > 0
+        assert all(0 <= t < 512 for t in res.output_ids)
+        assert isinstance(res.text, str)
     diffs = _diffs(_hf_model(tiny_checkpoint), prompts, results)
     print(f"\nSGLang vs transformers logprobs: mean {diffs.mean():.2e} max {diffs.max():.2e} over {diffs.numel()}")
     assert diffs.mean() <= LOGPROB_MEAN_TOL, f"mean abs diff {diffs.mean():.3e}, max {diffs.max():.3e}"
 
 
+def test_sampling_logprobs_are_at_the_temperature(engine, tiny_checkpoint):
+    """At temperature 0.7 the engine reports log softmax(logits / 0.7) of each sampled token: what the trainer must
+    compute for the importance ratios (at temperature 1 these differ by ~5e-2 here)."""
+    prompts = _prompts(3, seed=11)
+    results = engine.generate(_requests(prompts, temperature=0.7))
+    model = _hf_model(tiny_checkpoint)
+    at_t, at_1 = _diffs(model, prompts, results, 0.7), _diffs(model, prompts, results, 1.0)
+    print(f"\nT=0.7 logprobs vs transformers at 0.7: mean {at_t.mean():.2e}; at 1.0: mean {at_1.mean():.2e}")
+    assert at_t.mean() <= LOGPROB_MEAN_TOL and at_1.mean() > 100 * LOGPROB_MEAN_TOL
+
+
 def test_score_agrees_with_generate(engine):
     prompts = _prompts(3, seed=2)
     results = engine.generate(_requests(prompts, max_new_tokens=12))
-    seqs = [p + r["output_ids"] for p, r in zip(prompts, results)]
+    seqs = [p + r.output_ids for p, r in zip(prompts, results)]
     scores = engine.score(seqs, [len(p) for p in prompts])
     for res, sc in zip(results, scores):
-        assert len(sc) == len(res["output_logprobs"])
-        diff = (torch.tensor(sc) - torch.tensor(res["output_logprobs"])).abs()
+        assert len(sc) == len(res.output_logprobs)
+        diff = (torch.tensor(sc) - torch.tensor(res.output_logprobs)).abs()
         assert diff.max() <= 1e-4, f"score vs generate logprobs: max abs diff {diff.max():.3e}"
 
 
 def test_update_weights_from_tensors_then_disk(engine, tiny_checkpoint, tmp_path):
     prompts = _prompts(3, seed=3)
     before = engine.generate(_requests(prompts, max_new_tokens=12))
-    seqs = [p + r["output_ids"] for p, r in zip(prompts, before)]
+    seqs = [p + r.output_ids for p, r in zip(prompts, before)]
     lens = [len(p) for p in prompts]
 
     g = torch.Generator().manual_seed(4)
@@ -129,11 +141,11 @@ def test_update_weights_from_tensors_then_disk(engine, tiny_checkpoint, tmp_path
     assert engine.weight_version() == 1
 
     rescored = engine.score(seqs, lens)
-    change = torch.tensor([abs(a - b) for sc, r in zip(rescored, before) for a, b in zip(sc, r["output_logprobs"])])
+    change = torch.tensor([abs(a - b) for sc, r in zip(rescored, before) for a, b in zip(sc, r.output_logprobs)])
     assert change.mean() > 1e-2, f"logprobs barely changed after the update (mean {change.mean():.2e})"
 
     after = engine.generate(_requests(prompts))
-    assert all(r["weight_version"] == 1 for r in after)
+    assert all(set(r.output_versions) == {1} for r in after)
     perturbed_dir = _write_checkpoint(tiny_checkpoint, tmp_path / "perturbed", perturbed)
     diffs = _diffs(_hf_model(perturbed_dir), prompts, after)
     print(f"\nafter tensor update, SGLang vs transformers: mean {diffs.mean():.2e} max {diffs.max():.2e}")
@@ -143,68 +155,78 @@ def test_update_weights_from_tensors_then_disk(engine, tiny_checkpoint, tmp_path
     engine.update_weights_from_disk(str(tiny_checkpoint), version=2)
     assert engine.weight_version() == 2
     restored = engine.score(seqs, lens)
-    back = torch.tensor([abs(a - b) for sc, r in zip(restored, before) for a, b in zip(sc, r["output_logprobs"])])
+    back = torch.tensor([abs(a - b) for sc, r in zip(restored, before) for a, b in zip(sc, r.output_logprobs)])
     assert back.max() <= 1e-4, f"after update_weights_from_disk: max abs diff {back.max():.3e}"
 
 
-def test_abort_long_request_then_serve(engine):
-    prompt = _prompts(1, seed=5)[0]
-    long_req = {"input_ids": prompt, "rid": "long-request-1",
-                "sampling_params": {"max_new_tokens": 1800, "temperature": 1.0, "ignore_eos": True}}
-    box: dict = {}
-    worker = threading.Thread(target=lambda: box.setdefault("out", engine.generate([long_req])))
-    t0 = time.monotonic()
-    worker.start()
-    time.sleep(1.0)
-    # An abort that reaches SGLang before the request is registered is dropped, so repeat until it lands.
-    while worker.is_alive() and time.monotonic() - t0 < 120:
-        engine.abort("long-request-1")
-        worker.join(timeout=0.5)
-    assert not worker.is_alive(), "generate() did not return after abort"
-    (res,) = box["out"]
-    assert res["finish_reason"] == "abort"
-    assert len(res["output_ids"]) < 1800
-    # Still serving afterwards, and abort-all with nothing running is harmless.
-    engine.abort()
-    (ok,) = engine.generate(_requests(_prompts(1, seed=6), max_new_tokens=4))
-    assert ok["finish_reason"] in ("stop", "length") and len(ok["output_ids"]) > 0
+def _long(prompt, rid, n=1800):
+    return EngineRequest(rid, prompt, {"max_new_tokens": n, "temperature": 1.0, "ignore_eos": True})
 
 
-def test_finished_rids_while_running_and_partial_abort(engine):
-    """finished_rids() sees the short requests of a running batch finish while the long one still runs (and is
-    callable while generate() holds the engine); the aborted long request returns its partial tokens with
-    logprobs that are the real sampling logprobs (equal to a prefill score of the same tokens)."""
+def _collect_until(engine, rids: set[str], timeout_s: float = 120.0) -> dict:
+    got, t0 = {}, time.monotonic()
+    while set(got) != rids:
+        assert time.monotonic() - t0 < timeout_s, f"still waiting for {rids - set(got)}"
+        got.update((r.rid, r) for r in engine.collect(0.2))
+    return got
+
+
+def test_submit_collect_streams_and_abort_keeps_partial_tokens(engine):
+    """Short requests come out of collect() while a long one still runs; abort_all() ends the long one with its
+    partial tokens, whose logprobs are the real sampling logprobs (equal to a prefill score of the same tokens);
+    the engine keeps serving after."""
     prompts = _prompts(3, seed=8)
-    reqs = [{"input_ids": p, "rid": f"batch-{i}",
-             "sampling_params": {"max_new_tokens": n, "temperature": 1.0, "ignore_eos": True}}
+    reqs = [EngineRequest(f"batch-{i}", p, {"max_new_tokens": n, "temperature": 1.0, "ignore_eos": True})
             for i, (p, n) in enumerate(zip(prompts, [3, 5, 1800]))]
-    box: dict = {}
-    worker = threading.Thread(target=lambda: box.setdefault("out", engine.generate(reqs)))
-    t0 = time.monotonic()
-    worker.start()
-    seen: list[str] = []
-    while time.monotonic() - t0 < 60 and set(seen) != {"batch-0", "batch-1"}:
-        seen = engine.finished_rids()
-        time.sleep(0.05)
-    assert set(seen) == {"batch-0", "batch-1"}, f"short requests not reported finished: {seen}"
-    assert worker.is_alive(), "the long request should still be generating"
+    engine.submit(reqs)
+    short = _collect_until(engine, {"batch-0", "batch-1"})
+    assert engine.in_flight() == 1, "the long request should still be generating"
+    assert [len(short["batch-0"].output_ids), len(short["batch-1"].output_ids)] == [3, 5]
+    assert {r.finish_reason for r in short.values()} == {"length"}
     time.sleep(0.3)  # let it generate a few more tokens
-    while worker.is_alive() and time.monotonic() - t0 < 120:
-        engine.abort()
-        worker.join(timeout=0.5)
-    assert not worker.is_alive(), "generate() did not return after abort"
-    short_a, short_b, long = box["out"]
-    assert [short_a["finish_reason"], short_b["finish_reason"]] == ["length", "length"]
-    assert [len(short_a["output_ids"]), len(short_b["output_ids"])] == [3, 5]
-    assert long["finish_reason"] == "abort"
-    assert "batch-2" not in engine.finished_rids()
-    n = len(long["output_ids"])
+    assert engine.abort_all() == 1 and engine.in_flight() == 0
+    long = _collect_until(engine, {"batch-2"})["batch-2"]
+    assert long.finish_reason == "abort"
+    n = len(long.output_ids)
     assert 5 < n < 1800, f"aborted request returned {n} tokens"
-    assert len(long["output_logprobs"]) == n
-    (scored,) = engine.score([prompts[2] + long["output_ids"]], [len(prompts[2])])
-    diff = (torch.tensor(scored) - torch.tensor(long["output_logprobs"])).abs()
+    (scored,) = engine.score([prompts[2] + long.output_ids], [len(prompts[2])])
+    diff = (torch.tensor(scored) - torch.tensor(long.output_logprobs)).abs()
     print(f"\naborted after {n} tokens; partial logprobs vs prefill score: max abs diff {diff.max():.2e}")
     assert diff.max() <= 1e-4
+    engine.abort()  # abort-all with nothing running is harmless
+    (ok,) = engine.generate(_requests(_prompts(1, seed=6), max_new_tokens=4))
+    assert ok.finish_reason in ("stop", "length") and len(ok.output_ids) > 0
+
+
+@pytest.mark.parametrize("mode", ["retract", "in_place"])
+def test_pause_update_resume_tags_tokens_by_version(engine, tiny_checkpoint, mode):
+    """A request running across a weight update keeps going after resume(); SGLang's spans tag the tokens before
+    the update with the old version and the rest with the new one. With "retract" the prefix is recomputed under
+    the new weights, so the new-version tokens' logprobs equal a prefill score under those weights."""
+    prompt = _prompts(1, seed=12)[0]
+    before = engine.weight_version()
+    rid = f"pause-{mode}"
+    engine.submit([_long(prompt, rid)])
+    time.sleep(1.0)
+    engine.pause(mode)
+    original = load_hf_state_dict(tiny_checkpoint)
+    g = torch.Generator().manual_seed(13)
+    perturbed = {n: t + 0.02 * torch.randn(t.shape, generator=g) if t.is_floating_point() else t
+                 for n, t in original.items()}
+    engine.update_weights_from_tensors(list(perturbed.items()), version=before + 1)
+    engine.resume()
+    time.sleep(0.5)
+    engine.abort_all()
+    res = _collect_until(engine, {rid})[rid]
+    n, old = len(res.output_ids), res.output_versions.count(before)
+    assert res.finish_reason == "abort" and n < 1800
+    assert 0 < old < n and res.output_versions == [before] * old + [before + 1] * (n - old), res.output_versions
+    if mode == "retract":
+        (scored,) = engine.score([prompt + res.output_ids], [len(prompt)])
+        diff = (torch.tensor(scored[old:]) - torch.tensor(res.output_logprobs[old:])).abs()
+        print(f"\nretract: {old} old-version tokens; new-version logprobs vs score: mean {diff.mean():.2e}")
+        assert diff.mean() <= LOGPROB_MEAN_TOL
+    engine.update_weights_from_disk(str(tiny_checkpoint), version=before + 2)
 
 
 def test_engine_in_ray_actor(ray_session, tiny_checkpoint):
@@ -215,7 +237,7 @@ def test_engine_in_ray_actor(ray_session, tiny_checkpoint):
     try:
         results = ray.get(actor.generate.remote(_requests(_prompts(2, seed=7), max_new_tokens=8)), timeout=300)
         assert len(results) == 2
-        assert all(len(r["output_ids"]) == len(r["output_logprobs"]) > 0 for r in results)
+        assert all(len(r.output_ids) == len(r.output_logprobs) > 0 for r in results)
         assert ray.get(actor.weight_version.remote()) == 0
     finally:
         ray.get(actor.shutdown.remote(), timeout=120)

@@ -28,6 +28,8 @@ def test_quickstart_composes_and_validates():
     ("rollout.top_p=1.5", "rollout.top_p"),
     ("trainer.expert_parallel=3", "trainer.expert_parallel"),
     ("trainer.weight_sync=carrier_pigeon", "trainer.weight_sync"),
+    ("trainer.weight_sync_bucket_mb=0", "trainer.weight_sync_bucket_mb"),
+    ("trainer.weight_sync_verify=maybe", "trainer.weight_sync_verify"),
     ("model.preset=huge", "model.preset"),
     pytest.param("model.layer_spec=te", "model.layer_spec",
                  marks=pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="valid where CUDA is")),
@@ -62,3 +64,11 @@ def test_uneven_pipeline_split_is_accepted():
     cfg = parse_config(compose_config(["+experiment=quickstart", "trainer.world_size=2", "trainer.pipeline_parallel=2",
                                        "trainer.pipeline_first_stage_layers=1"]))
     assert cfg.trainer.pipeline_first_stage_layers == 1
+
+
+def test_weight_sync_modes_are_accepted():
+    for mode in ("tensor", "distributed", "disk"):
+        cfg = parse_config(compose_config(["+experiment=quickstart", f"trainer.weight_sync={mode}",
+                                           "trainer.weight_sync_bucket_mb=0.5", "trainer.weight_sync_verify=true"]))
+        assert (cfg.trainer.weight_sync, cfg.trainer.weight_sync_bucket_mb) == (mode, 0.5)
+        assert cfg.trainer.weight_sync_verify is True

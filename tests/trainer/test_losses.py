@@ -76,7 +76,7 @@ def test_loss_mask_covers_exactly_the_response_targets():
 
 
 def test_bad_item_is_rejected():
-    with pytest.raises(ValueError, match="2 response tokens but 1 logprobs"):
+    with pytest.raises(ValueError, match="2 response tokens but 1 rollout_logprobs"):
         TrainItem([1, 2, 3, 4], 2, 0.0, [-1.0])
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 def test_run_logs_hallucination_rate_from_batch_components():
     """What a run logs for a factuality batch: the runner's '<name>/<component>' keys through the reward's own
-    batch-metrics function (trainer/runtime.py)."""
+    batch-metrics function (rollout/metrics.py)."""
     from rewards import RewardInput, RewardRunner, RewardSpec
-    from trainer.runtime import reward_batch_metrics_for
+    from rollout.metrics import reward_batch_metrics_for
 
     q = [{"role": "user", "content": "What is the capital of France?"}]
     samples = [RewardInput(q, "Paris", "Paris"), RewardInput(q, "I don't know.", "Paris"),

@@ -1,4 +1,5 @@
-"""SGLang (rollout) and Megatron (trainer) agree on logprobs, before and after a training step + weight push.
+"""SGLang (rollout) and Megatron (trainer) agree on logprobs, at temperature 1 and at the sampling temperature,
+before and after a training step + weight push.
 
 Tolerance: mean |diff| <= 1e-3 per the walking-skeleton acceptance; measured ~1e-5 on CPU fp32. Without the
 SGLang MLA patch the difference is ~1.75, so the bound still catches a wrong attention path."""
@@ -11,7 +12,8 @@ import torch
 
 from glm5_model.tokenizer.build import stop_token_ids
 from rollout.data import PromptRow
-from rollout.generation import SamplingSettings, generate_groups
+from rollout.generation import SamplingSettings, make_group
+from rollout.protocol import EngineRequest
 from trainer.batching import TrainItem
 from trainer.config import TrainerConfig
 
@@ -41,13 +43,20 @@ def _diffs(a: list[list[float]], b: list[list[float]]) -> list[float]:
     return out
 
 
-def _samples(engine, tokenizer, n_prompts=3, group=4):
+def _samples(engine, tokenizer, n_prompts=3, group=4, temperature=1.0):
+    import ray
+
     rows = [PromptRow(i, [{"role": "user", "content": q}]) for i, q in
             enumerate(["Say hello.", "What is two plus two?", "Name a colour and an animal."][:n_prompts])]
-    ids = [tokenizer.apply_chat_template(r.messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-           for r in rows]
-    settings = SamplingSettings(max_new_tokens=24, temperature=1.0, stop_token_ids=tuple(stop_token_ids(tokenizer)))
-    return generate_groups([engine], rows, ids, group, settings)
+    settings = SamplingSettings(max_new_tokens=24, temperature=temperature,
+                                stop_token_ids=tuple(stop_token_ids(tokenizer)))
+    samples = [s for i, r in enumerate(rows) for s in make_group(
+        r, tokenizer.apply_chat_template(r.messages, add_generation_prompt=True, tokenize=True, return_dict=False),
+        i, group)]
+    reqs = [EngineRequest(f"t{temperature}/{s.key}", s.prompt_ids, settings.as_sglang()) for s in samples]
+    for s, res in zip(samples, ray.get(engine.generate.remote(reqs))):
+        s.append_response(res.output_ids, res.output_logprobs, res.output_versions)
+    return samples
 
 
 def test_megatron_recomputes_sglang_logprobs(stack):
@@ -59,6 +68,25 @@ def test_megatron_recomputes_sglang_logprobs(stack):
     mean, worst = statistics.fmean(diffs), max(diffs)
     print(f"\nSGLang vs Megatron logprobs over {len(diffs)} tokens: mean {mean:.2e} max {worst:.2e}")
     assert mean <= TOL_MEAN, f"mean |diff| {mean:.3e} (max {worst:.3e})"
+
+
+def test_trainer_logprobs_at_the_sampling_temperature(stack, tiny_checkpoint):
+    """Sampled at T = 0.7, the engine reports log softmax(logits / 0.7); a trainer built with the run's
+    temperature computes the same (a trainer at temperature 1 differs by far more than the bound)."""
+    from trainer.group import TrainerGroup
+
+    engine, trainer_at_1, tokenizer = stack
+    samples = _samples(engine, tokenizer, temperature=0.7)
+    items = [TrainItem(s.tokens, len(s.prompt_ids), 0.0, s.response_logprobs) for s in samples]
+    engine_lp = [s.response_logprobs for s in samples]
+    trainer_at_t = TrainerGroup(TrainerConfig(world_size=1), str(tiny_checkpoint), temperature=0.7)
+    try:
+        at_t = statistics.fmean(_diffs(trainer_at_t.compute_logprobs(items), engine_lp))
+    finally:
+        trainer_at_t.shutdown()
+    at_1 = statistics.fmean(_diffs(trainer_at_1.compute_logprobs(items), engine_lp))
+    print(f"\nT=0.7 samples: trainer at 0.7 mean |diff| {at_t:.2e}; trainer at 1.0 {at_1:.2e}")
+    assert at_t <= TOL_MEAN < at_1
 
 
 @pytest.mark.parametrize("sync", ["tensor", "disk"])

@@ -1,0 +1,51 @@
+"""Metrics of a set of scored samples (a training batch, an evaluation): rewards, their components and the
+rewards' own batch metrics (e.g. factuality's hallucination rate), response lengths, staleness."""
+from __future__ import annotations
+
+import statistics
+from collections import Counter
+
+from rewards import reward_batch_metrics
+from rollout.sample import Sample
+
+
+def sample_metrics(samples: list[Sample], prefix: str, reward_prefix: str, reward_names: list[str]) -> dict[str, float]:
+    if not samples:
+        return {}
+    metrics = {f"{prefix}/raw_reward": statistics.fmean(s.reward for s in samples),
+               f"{prefix}/response_len/mean": statistics.fmean(s.response_length for s in samples),
+               f"{prefix}/response_len/max": float(max(s.response_length for s in samples)),
+               f"{prefix}/truncated_frac": statistics.fmean(s.status.value == "truncated" for s in samples)}
+    for key in sorted({k for s in samples for k in s.reward_components}):
+        values = [s.reward_components[key] for s in samples if key in s.reward_components]
+        metrics[f"{reward_prefix}/{key}"] = statistics.fmean(values)
+    for name in reward_names:
+        batch = reward_batch_metrics_for(name, [s.reward_components for s in samples])
+        metrics.update({reward_prefix + k[len("reward"):]: v for k, v in batch.items()})
+    return metrics
+
+
+def reward_batch_metrics_for(name: str, components: list[dict[str, float]]) -> dict[str, float]:
+    """reward/<name>/<metric> from the reward's own batch-metrics function (e.g. factuality's hallucination
+    rate), fed the components of that reward only (the runner prefixes them with '<name>/')."""
+    fn = reward_batch_metrics(name)
+    if fn is None:
+        return {}
+    prefix = f"{name}/"
+    own = [{k[len(prefix):]: v for k, v in c.items() if k.startswith(prefix)} for c in components]
+    return {f"reward/{name}/{k}": float(v) for k, v in fn(own).items()}
+
+
+def token_ages(samples: list[Sample], train_version: int) -> Counter[int]:
+    """How many response tokens are each number of policy versions old when trained at `train_version`."""
+    return Counter(train_version - v for s in samples for v in s.response_versions)
+
+
+def staleness_metrics(ages: Counter[int]) -> dict[str, float]:
+    total = sum(ages.values())
+    if not total:
+        return {"rollout/staleness/max": 0.0, "rollout/staleness/mean": 0.0,
+                "rollout/staleness/off_policy_token_frac": 0.0}
+    return {"rollout/staleness/max": float(max(ages)),
+            "rollout/staleness/mean": sum(a * n for a, n in ages.items()) / total,
+            "rollout/staleness/off_policy_token_frac": sum(n for a, n in ages.items() if a > 0) / total}

@@ -1,0 +1,164 @@
+"""Starting and stopping an in-process sglang.Engine safely: a start deadline that kills what a hung start
+spawned, a shutdown that reaches only the engine's own processes, and cleanup of the ZMQ contexts a failed start
+leaves behind. Used by rollout/engine.py."""
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import os
+import threading
+import time
+
+import psutil
+
+logger = logging.getLogger(__name__)
+
+
+class EngineStartError(RuntimeError):
+    pass
+
+
+def start_engine(kwargs: dict, timeout_s: float):
+    """Starts sglang.Engine; if it is not up within timeout_s, kills the processes it spawned and raises.
+
+    A failed start can hang (the launcher waits on a scheduler that never reports); killing the scheduler
+    processes makes the launcher's wait fail, so the constructor returns and we can raise a clear error. The
+    watchdog keeps killing until the constructor returns: at the deadline the processes may not exist yet."""
+    import sglang
+
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
+    done, timed_out = threading.Event(), threading.Event()
+
+    def watchdog():
+        if done.wait(timeout_s):
+            return
+        timed_out.set()
+        while not done.is_set():
+            _kill_new_children(me, before)
+            done.wait(0.5)
+
+    threading.Thread(target=watchdog, name="sglang-start-watchdog", daemon=True).start()
+    t0 = time.monotonic()
+    what = f"SGLang engine for {kwargs['model_path']}"
+    contexts_before = _live_zmq_contexts()
+    try:
+        engine = sglang.Engine(**kwargs)
+    except BaseException as exc:
+        done.set()
+        _kill_new_children(me, before)
+        _drop_zmq_contexts(_live_zmq_contexts() - contexts_before)
+        if timed_out.is_set():
+            raise EngineStartError(f"{what} did not start within {timeout_s:.0f}s (set "
+                                   "SLIPSTREAM_ENGINE_START_TIMEOUT_S to change); its processes were killed") from exc
+        raise EngineStartError(f"{what} failed to start: {exc}") from exc
+    done.set()
+    owned = {p.pid for p in me.children(recursive=True)} - before
+    if timed_out.is_set():  # came up, but only after the watchdog had started killing: not trustworthy
+        try:
+            with kills_only(owned):
+                engine.shutdown()
+        finally:
+            _kill_new_children(me, before)
+        raise EngineStartError(f"{what} did not start within {timeout_s:.0f}s")
+    logger.info("%s ready in %.1fs", what, time.monotonic() - t0)
+    return engine, owned
+
+
+_KILL_PATCH_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def kills_only(owned: set[int]):
+    """SGLang's Engine.shutdown() kills *every* child process of the calling process, not only its scheduler and
+    detokenizer: in a process that also runs a Ray head (a test session, a user's script) or another engine, it
+    killed those too (seen: the Ray GCS started by the test session died with an in-process engine, and the test
+    run with it). While this is active its kill reaches only the engine's own processes and their descendants."""
+    import sglang.srt.entrypoints.engine as sglang_engine
+
+    original = sglang_engine.kill_process_tree
+    me = psutil.Process()
+
+    def kill_process_tree(parent_pid, include_parent=True, skip_pid=None, wait_timeout=60):
+        if parent_pid != os.getpid() or include_parent:
+            return original(parent_pid, include_parent=include_parent, skip_pid=skip_pid, wait_timeout=wait_timeout)
+        victims = []
+        for child in me.children(recursive=True):
+            try:
+                if child.pid in owned or any(p.pid in owned for p in child.parents()):
+                    victims.append(child)
+            except psutil.NoSuchProcess:
+                continue
+        for child in victims:
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(victims, timeout=wait_timeout or 5)
+
+    with _KILL_PATCH_LOCK:
+        sglang_engine.kill_process_tree = kill_process_tree
+        try:
+            yield
+        finally:
+            sglang_engine.kill_process_tree = original
+
+
+def _live_zmq_contexts() -> set:
+    import zmq
+
+    return {obj for obj in gc.get_objects() if isinstance(obj, zmq.Context) and not obj.closed}
+
+
+def _drop_zmq_contexts(contexts: set) -> None:
+    """Closes the ZMQ contexts a failed start left behind, discarding unsent messages.
+
+    Their sockets hold messages for the killed scheduler; with the default infinite linger, the context's
+    finalizer blocks forever in `term()` whenever the garbage collector reaches it -- which was the *next*
+    engine start in this process (seen: a test's engine fixture hung after the start-deadline test)."""
+    for ctx in contexts:
+        try:
+            ctx.destroy(linger=0)
+        except Exception:  # noqa: BLE001 - best effort on an already failing path
+            logger.exception("could not close a ZMQ context of the failed engine start")
+
+
+def _kill_new_children(me: psutil.Process, before: set[int]) -> None:
+    """Kills (and reaps) every descendant process that did not exist before the engine start."""
+    victims = [c for c in me.children(recursive=True) if c.pid not in before]
+    for child in victims:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(victims, timeout=5)
+
+
+def process_problem(pids: set[int]) -> str | None:
+    """Why the engine's processes cannot serve (gone, zombie, stopped), or None when all of them run."""
+    for pid in sorted(pids):
+        try:
+            status = psutil.Process(pid).status()
+        except psutil.NoSuchProcess:
+            return f"SGLang process {pid} is gone"
+        if status in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD, psutil.STATUS_STOPPED):
+            return f"SGLang process {pid} is {status}"
+    return None
+
+
+def kill_process_trees(pids: set[int]) -> None:
+    """SIGKILLs these processes and all their descendants, and reaps them."""
+    victims = []
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            victims += [proc, *proc.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+    for proc in victims:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(victims, timeout=10)

@@ -1,0 +1,95 @@
+"""The engine pool with real SGLang engines on CPU: kill -9 of one engine's scheduler mid-rollout, then SIGSTOP of
+the other's. Each time the rollout completes with every sample exactly once, the failed engine's requests finish
+elsewhere, and a replacement starts, gets the current weights and version, and serves."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import psutil
+
+from rewards import RewardSpec, RunnerSettings
+from rollout.config import LoopConfig, RolloutConfig, validate_rollout_config
+from rollout.data import PromptRow
+from rollout.data.config import DataConfig
+from rollout.manager import EngineSpec, EnginesJoining, RolloutManager
+
+ROWS = [PromptRow(i, [{"role": "user", "content": f"Tell me a long story, number {i}."}]) for i in range(30)]
+
+
+def _scheduler_pid(ray, handle) -> int:
+    for pid in ray.get(handle.process_ids.remote()):
+        if "scheduler" in " ".join(psutil.Process(pid).cmdline()):
+            return pid
+    raise AssertionError("no sglang::scheduler among the engine's processes")
+
+
+def _strike_mid_rollout(ray, handle, sig) -> None:
+    deadline = time.monotonic() + 120
+    while not ray.get(handle.in_flight.remote()):
+        assert time.monotonic() < deadline, "the engine never got work"
+        time.sleep(0.01)
+    time.sleep(0.3)
+    os.kill(_scheduler_pid(ray, handle), sig)
+
+
+def _push(ray, m, checkpoint, version: int) -> None:
+    """What trainer/runtime.py's sync_weights does when an engine dies under a push: once the pool has replaced
+    it, push to the engines it now has."""
+    for _attempt in range(60):
+        try:
+            ray.get([e.update_weights_from_disk.remote(str(checkpoint), version) for e in m.engine_handles()])
+            return
+        except ray.exceptions.RayActorError:
+            time.sleep(1.0)
+    raise AssertionError("the pool never replaced the engine that died under the push")
+
+
+def test_scheduler_killed_then_another_stopped(ray_session, tiny_checkpoint):
+    ray = ray_session
+    r = RolloutConfig(prompts_per_step=2, samples_per_prompt=2, max_new_tokens=160, num_engines=2,
+                      health_interval_s=1.0, health_timeout_s=30.0)
+    loop = LoopConfig(mode="async")
+    validate_rollout_config(r, loop)
+    m = RolloutManager(r, loop, DataConfig(shuffle=False), ROWS, EngineSpec(str(tiny_checkpoint), 2, cpus=0.5),
+                       [RewardSpec("char_fraction")], RunnerSettings())
+    m.ready()
+    first = list(m.engine_handles())
+    faults = {1: (first[0], signal.SIGKILL), 3: (first[1], signal.SIGSTOP)}
+    m.start()
+    batches, joined_versions, detected_after = [], [], {}
+    try:
+        for step in range(6):
+            struck = None
+            if step in faults:
+                victim, sig = faults[step]
+                _strike_mid_rollout(ray, victim, sig)
+                struck = time.monotonic()
+            while True:
+                out = m.next_batch(step)
+                if not isinstance(out, EnginesJoining):
+                    break
+                ray.get([e.update_weights_from_disk.remote(str(tiny_checkpoint), step) for e in out.handles])
+                m.on_engines_joined(out.handles)
+                joined_versions += ray.get([e.weight_version.remote() for e in out.handles])
+            if struck is not None:
+                detected_after[step] = m.pool_metrics()["rollout/pool/engine_failures"]
+            batches.append(out)
+            m.pause_for_weights()
+            _push(ray, m, tiny_checkpoint, step + 1)
+            m.on_weights(step + 1)
+        pool = m.pool_metrics()
+        final = m.engine_handles()
+        versions = ray.get([e.weight_version.remote() for e in final])
+    finally:
+        m.shutdown()
+    keys = [(s.group_id, s.index_in_group) for b in batches for s in b.samples]
+    assert len(keys) == 6 * 4 and len(set(keys)) == len(keys), "a sample was lost or trained twice"
+    assert [g[0].group_id for b in batches for g in b.groups] == list(range(12))
+    assert pool["rollout/pool/engine_failures"] == 2 and pool["rollout/pool/engine_restarts"] == 2
+    assert pool["rollout/pool/requeued_requests"] >= 2
+    assert len(final) == 2 and not {e._actor_id for e in final} & {e._actor_id for e in first}
+    assert versions == [6, 6], "the replacements do not serve the current version"
+    assert joined_versions, "no replacement joined through the loop's push"
+    print(f"\npool after two faults: {pool}; joined at versions {joined_versions}")
