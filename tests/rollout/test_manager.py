@@ -105,6 +105,11 @@ def test_checkpoint_mid_generation_resumes_the_same_groups(ray_session, tiny_che
         m.start()
         try:
             first = _train_loop(ray_session, m, handles, steps=split)
+            # Generation runs ahead of the trainer (on a loaded machine the dispatch thread may need a moment
+            # after the last push to admit the next groups).
+            deadline = time.monotonic() + 30
+            while not m.metrics()["rollout/flow/live_groups"] and time.monotonic() < deadline:
+                time.sleep(0.01)
             state = m.state()
             if split == 6:
                 return first, state
