@@ -16,17 +16,20 @@ each request finishes; `score` scores each group as soon as all its samples are 
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import ray
 
 from rewards import RewardRunner, RewardSpec, RunnerSettings
 from rewards.envs import EnvSettings, episode_metrics
-from rollout.agent.driver import AgentDriver, EnvAnswer
+from rollout.agent import ModelTurn
+from rollout.agent.driver import AgentDriver, EnvAnswer, episode_components
 from rollout.config import LoopConfig, RolloutConfig, flow_settings
 from rollout.data import DataExhausted, PromptRow, make_source, render_prompt
 from rollout.data.config import DataConfig
@@ -219,20 +222,35 @@ class RolloutManager:
     def evaluate(self, rows: list[PromptRow], settings: SamplingSettings, samples_per_prompt: int = 1
                  ) -> dict[str, float]:
         """eval/* metrics: `rows` generated for with `settings` on the engines as they are now, scored with the
-        run's rewards. Runs beside background generation; not part of any batch."""
+        run's rewards; agent rows run as whole episodes of their environments (each turn's budget is what the
+        episode has left, rollout.agent.max_tokens, as in training), with eval/agent/* episode metrics. Runs
+        beside background generation; not part of any batch."""
         groups = [make_group(row, render_prompt(self.tokenizer, row), -1 - i, samples_per_prompt)
                   for i, row in enumerate(rows)]
         samples = [s for g in groups for s in g]
+        plain = [s for s in samples if not s.multi_turn]
+        episodes = [s for s in samples if s.multi_turn]
         requests = [EngineRequest(f"eval/{time.monotonic_ns()}/{s.metadata['row']}/{s.index_in_group}", s.prompt_ids,
-                                  settings.as_sglang()) for s in samples]
-        for s, res in zip(samples, self.pool.generate(requests)):
+                                  settings.as_sglang()) for s in plain]
+        for s, res in zip(plain, self.pool.generate(requests) if requests else []):
             s.append_response(res.output_ids, res.output_logprobs, res.output_versions)
             s.response_text = res.text
-        samples = [s for g in groups for s in g]
-        for s, (score, components) in zip(samples, score_samples(samples, self.rewards)):
+        for s, (score, components) in zip(plain, score_samples(plain, self.rewards) if plain else []):
             s.reward, s.reward_components = score, components
-        return {**sample_metrics(samples, "eval", "eval/reward", self.reward_names),
-                "eval/prompts": float(len(rows))}
+        metrics = {"eval/prompts": float(len(rows))}
+        if episodes:
+            results = self.agents.run_whole(episodes, self._eval_turn(settings))
+            metrics.update(episode_metrics(results, prefix="eval/agent"))
+        return {**sample_metrics(samples, "eval", "eval/reward", self.reward_names), **metrics}
+
+    def _eval_turn(self, settings: SamplingSettings):
+        """One model turn of an evaluation episode: a blocking pool.generate in a worker thread."""
+        async def generate(ids: list[int], budget: int) -> ModelTurn:
+            # The turn's budget is what the episode has left (rollout.agent.max_tokens), as in training.
+            request = EngineRequest(f"eval/episode/{uuid.uuid4().hex}", ids, settings.as_sglang(budget))
+            (res,) = await asyncio.to_thread(self.pool.generate, [request])
+            return ModelTurn(res.output_ids, res.output_logprobs, res.output_versions, res.finish_reason == "stop")
+        return generate
 
     def state(self) -> dict:
         """Everything needed to continue exactly: the data cursor and every live group (finished and waiting to
@@ -344,18 +362,12 @@ class RolloutManager:
                 self._to_score.task_done()
 
     def _episode_scores(self, group: list[Sample]) -> list[tuple[float, dict[str, float]]]:
-        """A multi-turn group's rewards: each episode's outcome (its environment's verdict), with its components
-        and the episode's turn count."""
-        out = []
-        for s in group:
-            result = self.agents.result(s.key)
-            if result is None:
+        """A multi-turn group's rewards: each episode's outcome (its environment's verdict)."""
+        results = [self.agents.result(s.key) for s in group]
+        for s, r in zip(group, results):
+            if r is None:
                 raise RuntimeError(f"sample {s.key}: its episode finished without a result")
-            env = result.env
-            components = {f"{env}/{k}": v for k, v in result.outcome.components.items()}
-            out.append((result.reward, {**components, f"{env}/score": result.reward,
-                                        f"{env}/turns": float(result.stats.turns)}))
-        return out
+        return [(r.reward, episode_components(r)) for r in results]
 
     def _admit(self) -> None:
         """Fresh groups up to the capacity rule (called under self._cond)."""

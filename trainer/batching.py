@@ -15,21 +15,28 @@ import torch
 class TrainItem:
     """What a training rank needs of one sample. Per response token (tokens[prompt_len:]): the behaviour logprob
     (what the engine sampled it with), the weight version that generated it, whether it counts in the loss, and,
-    when the batch is trained in several optimizer steps, the proximal logprob (the trainer's, before the step)."""
+    when the batch is trained in several optimizer steps, the proximal logprob (the trainer's, before the step).
+
+    Multi-turn (agent) samples interleave the model's turns with environment observations: `model_mask` is 1 on
+    the model's tokens only (observations are never trained and never counted in the logprob metrics), and
+    `token_advantages` may give each token its own advantage (turn-level attribution) instead of `advantage`."""
 
     tokens: list[int]
     prompt_len: int
     advantage: float
     rollout_logprobs: list[float]
     rollout_versions: list[int] | None = None  # None: all of the current version
-    loss_mask: list[float] | None = None       # None: every response token counts
+    loss_mask: list[float] | None = None       # None: every model token counts
     prox_logprobs: list[float] | None = None   # None: the current policy at the gradient (one optimizer step)
+    model_mask: list[int] | None = None        # None: every response token is the model's
+    token_advantages: list[float] | None = None
 
     def __post_init__(self) -> None:
         n_resp = len(self.tokens) - self.prompt_len
         if self.prompt_len < 1 or n_resp < 0:
             raise ValueError(f"bad sample: prompt_len {self.prompt_len} for {len(self.tokens)} tokens")
-        for name in ("rollout_logprobs", "rollout_versions", "loss_mask", "prox_logprobs"):
+        for name in ("rollout_logprobs", "rollout_versions", "loss_mask", "prox_logprobs", "model_mask",
+                     "token_advantages"):
             values = getattr(self, name)
             if values is not None and len(values) != n_resp:
                 raise ValueError(f"bad sample: {n_resp} response tokens but {len(values)} {name}")
@@ -39,7 +46,7 @@ class TrainItem:
 class MicroBatch:
     tokens: torch.Tensor            # [b, s] int64
     loss_mask: torch.Tensor         # [b, s-1] 1.0 where target token s+1 is a trained response token of a real row
-    response_mask: torch.Tensor     # [b, s-1] 1.0 on every response token of a real row (masked-out ones too)
+    response_mask: torch.Tensor     # [b, s-1] 1.0 on every model token of a real row (loss-masked ones too)
     advantages: torch.Tensor        # [b, s-1] the row's advantage broadcast over its tokens
     rollout_logprobs: torch.Tensor  # [b, s-1] behaviour logprobs aligned with targets (0 where masked)
     versions: torch.Tensor          # [b, s-1] int64 weight version of each response token (-1 elsewhere)
@@ -93,9 +100,11 @@ def make_micro_batches(items: list[TrainItem], shape: BatchShape, pad_id: int = 
             tokens[i, :n] = torch.tensor(it.tokens)
             # target position t predicts tokens[t+1]; response tokens are tokens[prompt_len:n]
             lo, hi = it.prompt_len - 1, n - 1
-            response[i, lo:hi] = 1.0
-            mask[i, lo:hi] = 1.0 if it.loss_mask is None else torch.tensor(it.loss_mask, dtype=torch.float32)
-            adv[i, lo:hi] = it.advantage
+            response[i, lo:hi] = 1.0 if it.model_mask is None else torch.tensor(it.model_mask, dtype=torch.float32)
+            mask[i, lo:hi] = response[i, lo:hi] if it.loss_mask is None else \
+                response[i, lo:hi] * torch.tensor(it.loss_mask, dtype=torch.float32)
+            adv[i, lo:hi] = it.advantage if it.token_advantages is None else \
+                torch.tensor(it.token_advantages, dtype=torch.float32)
             behaviour[i, lo:hi] = torch.tensor(it.rollout_logprobs, dtype=torch.float32)
             versions[i, lo:hi] = current_version if it.rollout_versions is None else torch.tensor(it.rollout_versions)
             if prox is not None:
@@ -104,16 +113,20 @@ def make_micro_batches(items: list[TrainItem], shape: BatchShape, pad_id: int = 
     return batches
 
 
-def train_items(samples: list, advantages: list[float], train_version: int,
+def train_items(samples: list, advantages: list[float | list[float]], train_version: int,
                 max_age: int | None = None) -> list[TrainItem]:
-    """TrainItems from a rollout batch's samples (rollout.sample.Sample, group after group) and their advantages,
-    with each token's behaviour logprob and version; tokens more than `max_age` versions older than
-    `train_version` get loss mask 0. Samples with no response tokens carry no loss and are left out."""
+    """TrainItems from a rollout batch's samples (rollout.sample.Sample, group after group) and their advantages
+    (one per sample, or one per response token), with each token's behaviour logprob and version; tokens more
+    than `max_age` versions older than `train_version` get loss mask 0, and a multi-turn sample's observation
+    tokens are not the model's (its response_mask). Samples with no model tokens carry no loss and are left out."""
     items = []
     for s, adv in zip(samples, advantages):
-        if s.response_length == 0:
+        if s.model_tokens == 0:
             continue
         mask = None if max_age is None else [float(train_version - v <= max_age) for v in s.response_versions]
-        items.append(TrainItem(s.tokens, len(s.prompt_ids), float(adv), list(s.response_logprobs),
-                               list(s.response_versions), mask))
+        per_token = isinstance(adv, (list, tuple))
+        items.append(TrainItem(s.tokens, len(s.prompt_ids), 0.0 if per_token else float(adv),
+                               list(s.response_logprobs), list(s.response_versions), mask,
+                               model_mask=None if s.response_mask is None else list(s.response_mask),
+                               token_advantages=[float(a) for a in adv] if per_token else None))
     return items

@@ -44,6 +44,9 @@ class TrainerConfig:
     clip_eps_low: float = 0.2
     clip_eps_high: float = 0.28
     advantage_eps: float = 1e-6
+    # Agent episodes: how the episode's rewards reach its turns (trainer/advantages.py): outcome | episode |
+    # reward_to_go.
+    turn_advantage: Literal["outcome", "episode", "reward_to_go"] = "outcome"
     # Optimizer steps per rollout batch (consecutive slices of it); above 1 the PPO clip acts on how far the
     # policy moved from pi_prox, the policy before the batch's first step (one extra forward pass per batch).
     num_minibatches: int = 1

@@ -127,5 +127,8 @@ class TrainerGroup:
 
 
 def _loss_tokens(item: TrainItem) -> float:
+    """Tokens of the item that count in the loss (the model's, not masked out), as make_micro_batches masks them."""
     n = len(item.tokens) - item.prompt_len
-    return float(n if item.loss_mask is None else sum(item.loss_mask))
+    model = item.model_mask or [1] * n
+    loss = item.loss_mask or [1.0] * n
+    return float(sum(m * w for m, w in zip(model, loss)))

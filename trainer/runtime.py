@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import ray
-import torch
 
 from glm5_model.hf_checkpoint import ensure_checkpoint
 from rewards import RewardSpec, RunnerSettings
@@ -20,7 +19,7 @@ from rollout.manager import EngineSpec, EnginesJoining, RolloutBatch, RolloutMan
 from trainer.batching import train_items
 from trainer.config import ConfigError, RunConfig, resolve_path
 from trainer.group import TrainerGroup
-from trainer.losses import grpo_advantages
+from trainer.advantages import batch_advantages
 from trainer.run_checkpoint import check_resumable, latest_checkpoint, read_run_state, save_checkpoint
 from trainer.weight_sync.strategies import build_weight_sync
 
@@ -125,14 +124,17 @@ class Runtime:
         self.engines, self.weight_sync = engines, self._build_weight_sync(engines)
 
     def train(self, batch: RolloutBatch) -> dict[str, float]:
-        """GRPO advantages within each group, then the trainer's optimizer step(s) at policy version batch.step."""
+        """GRPO advantages within each group (turn-level for agent episodes, trainer.turn_advantage), then the
+        trainer's optimizer step(s) at policy version batch.step."""
         samples = batch.samples
-        rewards = torch.tensor([s.reward for s in samples], dtype=torch.float32)
-        advantages = grpo_advantages(rewards, self.cfg.rollout.samples_per_prompt, self.cfg.trainer.advantage_eps)
-        items = train_items(samples, advantages.tolist(), batch.step, self._max_token_age())
+        t = self.cfg.trainer
+        advantages = batch_advantages(samples, self.cfg.rollout.samples_per_prompt, t.turn_advantage,
+                                      t.advantage_eps)
+        items = train_items(samples, advantages, batch.step, self._max_token_age())
         metrics = self.trainer.train_step(items, train_version=batch.step)
         self._trace(batch)
-        return {**batch.metrics, **metrics, "train/advantage_abs_mean": advantages.abs().mean().item()}
+        flat = [abs(a) for adv in advantages for a in (adv if isinstance(adv, list) else [adv])]
+        return {**batch.metrics, **metrics, "train/advantage_abs_mean": sum(flat) / max(len(flat), 1)}
 
     def _max_token_age(self) -> int | None:
         limits = [self.cfg.trainer.max_token_age,
@@ -213,7 +215,8 @@ class Runtime:
               f"|train-rollout logp| {m['train/train_rollout_logprob_abs_diff_current']:.2e} "
               f"stale {m['rollout/staleness/max']:.0f} "
               f"wait {m['perf/rollout_time']:.1f}s train {m['perf/train_time']:.1f}s "
-              f"sync {m['perf/update_weights_time']:.1f}s{_partial_summary(m)}{_eval_summary(m)}", flush=True)
+              f"sync {m['perf/update_weights_time']:.1f}s{_partial_summary(m)}{_agent_summary(m)}{_eval_summary(m)}",
+              flush=True)
         if self.wandb_run is not None:
             import wandb
 
@@ -241,6 +244,15 @@ def _eval_summary(metrics: dict[str, float]) -> str:
     if "eval/raw_reward" not in metrics:
         return ""
     return f" | eval reward {metrics['eval/raw_reward']:.4f} ({metrics['eval/prompts']:.0f} prompts)"
+
+
+def _agent_summary(m: dict[str, float]) -> str:
+    """Agent episodes of the batch (rewards.envs.episode_metrics), when it has any."""
+    if "agent/episodes" not in m:
+        return ""
+    calls = m["agent/tool_calls/per_episode"]
+    ok = f" ok {m['agent/tool_call_success_rate']:.2f}" if "agent/tool_call_success_rate" in m else ""
+    return f" | episodes {m['agent/episodes']:.0f} turns {m['agent/turns/mean']:.1f} tool calls {calls:.1f}{ok}"
 
 
 def _partial_summary(m: dict[str, float]) -> str:

@@ -19,7 +19,7 @@ from typing import Any
 from rewards.envs import EnvSettings
 from rewards.envs.api import Task
 from rewards.envs.runner import EnvRunner, EpisodeResult
-from rollout.agent.episode import AgentEpisode
+from rollout.agent.episode import AgentEpisode, Generate, run_episode
 from rollout.sample import Sample, SampleStatus
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,29 @@ class AgentDriver:
         future = asyncio.run_coroutine_threadsafe(work, self._loop)
         future.add_done_callback(self._report)
 
+    def run_whole(self, samples: list[Sample], generate: Generate) -> list[EpisodeResult]:
+        """Whole episodes for `samples` outside the rollout flow (evaluation), all at once on the environments'
+        loop, each turn from `generate`; fills each sample's response, mask and reward and returns the results.
+        An episode whose reset failed keeps an empty response and the fallback score."""
+        async def one(s: Sample) -> EpisodeResult:
+            name, task = task_of(s)
+            out = await run_episode(self._runner(name), task, self.tokenizer, generate)
+            seq = out.sequence
+            if seq.prompt_ids:
+                s.prompt_ids = list(seq.prompt_ids)
+            s.response_ids, s.response_mask = list(seq.response_ids), list(seq.loss_mask)
+            s.response_logprobs, s.response_versions = list(seq.response_logprobs), list(seq.response_versions)
+            s.response_text = self.tokenizer.decode([t for t, m in zip(seq.response_ids, seq.loss_mask) if m],
+                                                    skip_special_tokens=True)
+            s.status, s.reward = SampleStatus.COMPLETED, out.reward
+            s.reward_components = episode_components(out.episode)
+            return out.episode
+
+        async def all_of() -> list[EpisodeResult]:
+            return list(await asyncio.gather(*(one(s) for s in samples)))
+
+        return asyncio.run_coroutine_threadsafe(all_of(), self._loop).result()
+
     def result(self, key: str) -> EpisodeResult | None:
         return self._results.get(key)
 
@@ -76,11 +99,15 @@ class AgentDriver:
         self._thread.join(timeout=30)
 
     # ------------------------------------------------------------------ on the loop
-    async def _reset(self, sample: Sample) -> None:
-        name, task = task_of(sample)
+    def _runner(self, name: str) -> EnvRunner:
         runner = self._runners.get(name)
         if runner is None:
             runner = self._runners[name] = EnvRunner(name, self.env_kwargs, self.settings)
+        return runner
+
+    async def _reset(self, sample: Sample) -> None:
+        name, task = task_of(sample)
+        runner = self._runner(name)
         old = self._episodes.pop(sample.key, None)
         if old is not None and not old[0].done:  # regenerated: the old episode is abandoned
             await old[0].finish()
@@ -118,3 +145,11 @@ class AgentDriver:
         if exc is not None:
             log.error("agent environment work failed: %r", exc)
             self.on_error(exc)
+
+
+
+def episode_components(r: EpisodeResult) -> dict[str, float]:
+    """An episode's reward components as samples keep them: the outcome's, its score and turn count, prefixed
+    by the environment's name."""
+    components = {f"{r.env}/{k}": v for k, v in r.outcome.components.items()}
+    return {**components, f"{r.env}/score": r.reward, f"{r.env}/turns": float(r.stats.turns)}

@@ -11,9 +11,9 @@ from rollout.config_schema import ConfigError, check as _check, resolve_path
 class DataConfig:
     """Prompt dataset; see rollout/data. Optional columns (label/task/tools) may be absent from a row; null keys
     turn a column off. Structural checks run on every row, token-length checks on `validate_rows` of them."""
-    path: str = "data/quickstart_prompts.jsonl"   # file, directory (shards or save_to_disk), or a hub name
-    format: Literal["auto", "jsonl", "json", "parquet", "arrow", "hub"] = "auto"  # auto never means hub
-    split: str = "train"                 # split of a DatasetDict directory / hub dataset
+    path: str = "data/quickstart_prompts.jsonl"   # file, directory (shards or save_to_disk), hub or env name
+    format: Literal["auto", "jsonl", "json", "parquet", "arrow", "hub", "env"] = "auto"  # auto: never hub/env
+    split: str = "train"                 # split of a DatasetDict directory / hub dataset / env ("heldout")
     messages_key: str = "messages"       # chat messages (list of {role, content, ...}) or a plain-string prompt
     label_key: str | None = "label"
     task_key: str | None = "task"        # task family
@@ -26,6 +26,10 @@ class DataConfig:
     eval_path: str | None = None         # separate eval source (same format and mapping) ...
     eval_split: str | None = None        # ... or another split of `path` / `eval_path` ...
     eval_fraction: float = 0.0           # ... or hold this fraction of train rows out, chosen by shuffle_seed
+    # format env: the environment's task generator makes this many train tasks (and eval tasks, from the split
+    # data.eval_split names, usually "heldout"), drawn from shuffle_seed.
+    env_tasks: int = 256
+    env_eval_tasks: int = 32
     max_prompt_tokens: int | None = None
     validate_rows: int | Literal["all"] = "all"
     on_invalid: Literal["strict", "skip"] = "strict"
@@ -36,9 +40,11 @@ def validate_data_config(d: DataConfig) -> DataConfig:
     from rollout.data.formats import detect_format
     from rollout.data.rows import DataError
 
+    if d.format == "env":
+        _validate_env_source(d)
     for key in ("path", "eval_path"):
         value = getattr(d, key)
-        if value is None or d.format == "hub":
+        if value is None or d.format in ("hub", "env"):
             continue
         p = resolve_path(value)
         _check(p.exists(), f"data.{key}", f"no such file or directory: {p}")
@@ -60,3 +66,27 @@ def validate_data_config(d: DataConfig) -> DataConfig:
     _check(d.eval_fraction == 0 or (d.eval_path is None and d.eval_split is None), "data.eval_fraction",
            "set either an eval source (data.eval_path / data.eval_split) or data.eval_fraction, not both")
     return d
+
+
+def _validate_env_source(d: DataConfig) -> None:
+    from rewards.envs import load_env
+    from rewards.envs.registry import SPLITS
+
+    for key in ("path", "eval_path"):
+        name = getattr(d, key)
+        if name is None:
+            continue
+        try:
+            spec = load_env(name)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"data.{key}: {exc}") from exc
+        _check(spec.tasks is not None, f"data.{key}", f"environment {name!r} has no task generator; with "
+               "data.format=env its tasks come from one (or use a dataset whose labels name the environment)")
+    for key in ("split", "eval_split"):
+        value = getattr(d, key)
+        _check(value is None or value in SPLITS, f"data.{key}", f"environment splits are {list(SPLITS)}, "
+               f"got {value!r}")
+    _check(d.eval_split is None or d.eval_path is not None or d.eval_split != d.split, "data.eval_split",
+           f"the eval split must differ from the train split ({d.split!r}) of the same environment")
+    for key, value in (("env_tasks", d.env_tasks), ("env_eval_tasks", d.env_eval_tasks)):
+        _check(value >= 1, f"data.{key}", f"must be >= 1, got {value}")

@@ -1,5 +1,6 @@
 """Reading records from the formats users already have: JSONL (or a JSON array), Parquet, a
-`datasets.save_to_disk` directory, or a Hugging Face hub dataset name (when the network allows).
+`datasets.save_to_disk` directory, a Hugging Face hub dataset name (when the network allows), or an agent
+environment's task generator (`env`: the path is the environment's name, rewards/envs).
 
 Every record comes with `where` ("path line 7" for JSONL, 1-based like an editor; "path row 6" for tabular data,
 0-based like `ds[6]`) so that validation messages point at the exact row. Lines that are not UTF-8 or not JSON
@@ -13,7 +14,7 @@ from typing import Any, Iterator
 
 from rollout.data.rows import DataError
 
-FORMATS = ("auto", "jsonl", "json", "parquet", "arrow", "hub")
+FORMATS = ("auto", "jsonl", "json", "parquet", "arrow", "hub", "env")
 _DATASETS_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 
 
@@ -139,9 +140,31 @@ def _pick_split(obj, split: str, label: str):
     return obj
 
 
-def read_records(path: str | Path, fmt: str = "auto", split: str = "train") -> Iterator[RawRecord]:
-    """All records of the source, in file order (shards sorted by name)."""
+def read_env_tasks(name: str, split: str, count: int, seed: int = 0) -> Iterator[RawRecord]:
+    """Rows of an environment's generated tasks, in the default field names: the prompt and tools the model sees,
+    the task family (the environment's name) and a label naming the environment and the whole task, which makes
+    the rollout run each row as an episode (rollout/agent)."""
+    from rewards.envs import load_env
+
+    try:
+        tasks = load_env(name).generate_tasks(split, count, seed)
+    except (ValueError, TypeError) as exc:
+        raise DataError(f"environment {name!r}: {exc}") from exc
+    for i, t in enumerate(tasks):
+        task = {"id": t.id, "prompt": t.prompt, "tools": t.tools, "data": t.data, "split": t.split}
+        yield RawRecord(i, f"env {name}[{split}] task {i}",
+                        {"messages": t.prompt, "tools": t.tools or None, "task": name,
+                         "label": {"env": name, "task": task}})
+
+
+def read_records(path: str | Path, fmt: str = "auto", split: str = "train", *, env_tasks: int = 0,
+                 seed: int = 0) -> Iterator[RawRecord]:
+    """All records of the source, in file order (shards sorted by name). `env_tasks`, `seed`: how many tasks an
+    `env` source generates, and from which seed."""
     fmt = detect_format(path, fmt)
+    if fmt == "env":
+        yield from read_env_tasks(str(path), split, env_tasks, seed)
+        return
     if fmt == "hub":
         import datasets
 

@@ -1,6 +1,7 @@
 """A scripted stand-in for RolloutEngineActor with the same methods: every running request gains one token per
 tick under the engine's current weight version (a batching scheduler), and stops at its budget or at a length
-drawn per request (a long tail when asked). Exact, fast timing for the rollout manager's tests."""
+drawn per request (a long tail when asked), or emits what `respond(input_ids)` says the model would (a scripted
+agent, tests/rollout/scripted_agent.py). Exact, fast timing for the rollout manager's tests."""
 from __future__ import annotations
 
 import random
@@ -13,8 +14,10 @@ from rollout.protocol import EngineHealth, EngineRequest, EngineResult
 
 
 class ScriptedEngine:
-    def __init__(self, tick_s: float = 0.002, seed: int = 0, long_tail: bool = False, fail_on_token: int | None = None):
+    def __init__(self, tick_s: float = 0.002, seed: int = 0, long_tail: bool = False, fail_on_token: int | None = None,
+                 respond=None):
         self.tick_s, self.rng, self.long_tail, self.fail_on_token = tick_s, random.Random(seed), long_tail, fail_on_token
+        self.respond = respond
         self.version, self.paused, self.hung = 0, None, False
         self._lock = threading.Condition()
         self._running: dict[str, dict] = {}
@@ -37,8 +40,10 @@ class ScriptedEngine:
                     self._lock.notify_all()
                     continue
                 budget = int(r.sampling["max_new_tokens"])
-                self._running[r.rid] = {"ids": [], "lps": [], "vers": [], "budget": budget,
-                                        "target": self._length(budget)}
+                script = None if self.respond is None else list(self.respond(list(r.input_ids)))
+                target = self._length(budget) if script is None else min(budget, len(script))
+                self._running[r.rid] = {"ids": [], "lps": [], "vers": [], "budget": budget, "target": target,
+                                        "script": script}
                 self.served.append(r.rid)
 
     def _tick(self) -> None:
@@ -49,11 +54,13 @@ class ScriptedEngine:
                     continue
                 for rid in list(self._running):
                     r = self._running[rid]
-                    r["ids"].append(self.rng.randrange(10, 500))
+                    script = r["script"]
+                    r["ids"].append(self.rng.randrange(10, 500) if script is None else script[len(r["ids"])])
                     r["lps"].append(-self.rng.random())
                     r["vers"].append(self.version)
                     if len(r["ids"]) >= r["target"]:
-                        self._finish(rid, "length" if len(r["ids"]) >= r["budget"] else "stop")
+                        scripted_end = r["script"] is not None and len(r["ids"]) == len(r["script"])
+                        self._finish(rid, "stop" if scripted_end or len(r["ids"]) < r["budget"] else "length")
 
     def _finish(self, rid: str, reason: str) -> None:
         r = self._running.pop(rid)
@@ -70,7 +77,17 @@ class ScriptedEngine:
             return out
 
     def generate(self, requests: list[EngineRequest]) -> list[EngineResult]:
-        return [EngineResult(r.rid, [11] * 2, [-0.5] * 2, [self.version] * 2, "stop", "ab") for r in requests]
+        """Blocking generation (evaluation): two fixed tokens, or the scripted model's turn within the budget."""
+        out = []
+        for r in requests:
+            if self.respond is None:
+                out.append(EngineResult(r.rid, [11] * 2, [-0.5] * 2, [self.version] * 2, "stop", "ab"))
+                continue
+            ids, budget = list(self.respond(list(r.input_ids))), int(r.sampling["max_new_tokens"])
+            reason = "stop" if len(ids) <= budget else "length"
+            ids = ids[:budget]
+            out.append(EngineResult(r.rid, ids, [-0.5] * len(ids), [self.version] * len(ids), reason))
+        return out
 
     def in_flight(self) -> int:
         return len(self._running)
