@@ -82,7 +82,12 @@ class AgentDriver:
             return out.episode
 
         async def all_of() -> list[EpisodeResult]:
-            return list(await asyncio.gather(*(one(s) for s in samples)))
+            # Every episode ends (and closes its environment) before a failure is raised.
+            results = await asyncio.gather(*(one(s) for s in samples), return_exceptions=True)
+            failed = [r for r in results if isinstance(r, BaseException)]
+            if failed:
+                raise failed[0]
+            return list(results)
 
         return asyncio.run_coroutine_threadsafe(all_of(), self._loop).result()
 

@@ -83,7 +83,9 @@ class ScriptedEngine:
             if self.respond is None:
                 out.append(EngineResult(r.rid, [11] * 2, [-0.5] * 2, [self.version] * 2, "stop", "ab"))
                 continue
-            ids, budget = list(self.respond(list(r.input_ids))), int(r.sampling["max_new_tokens"])
+            with self._lock:  # as in submit(): the scripted model's first call imports transformers (not thread-safe)
+                ids = list(self.respond(list(r.input_ids)))
+            budget = int(r.sampling["max_new_tokens"])
             reason = "stop" if len(ids) <= budget else "length"
             ids = ids[:budget]
             out.append(EngineResult(r.rid, ids, [-0.5] * len(ids), [self.version] * len(ids), reason))
