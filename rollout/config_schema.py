@@ -45,6 +45,9 @@ def coerce(value: Any, annotation: Any, path: str) -> Any:
     if origin is dict or annotation is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__}")
+        args = typing.get_args(annotation)
+        if len(args) == 2 and dataclasses.is_dataclass(args[1]):
+            return {k: coerce(v, args[1], f"{path}.{k}") for k, v in value.items()}
         return dict(value)
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -81,8 +81,10 @@ class RolloutBatch:
 class RolloutManager:
     def __init__(self, rollout: RolloutConfig, loop: LoopConfig, data: DataConfig, rows: list[PromptRow],
                  engines: EngineSpec, rewards: list[RewardSpec], reward_settings: RunnerSettings,
-                 engine_handles: list | None = None, engine_factory=None):
-        """`engine_handles`/`engine_factory`: engines started elsewhere and how to start a replacement (tests);
+                 engine_handles: list | None = None, engine_factory=None,
+                 task_rewards: dict[str, list[RewardSpec]] | None = None):
+        """`rewards` score single-turn rows, except rows whose task has its own in `task_rewards`.
+        `engine_handles`/`engine_factory`: engines started elsewhere and how to start a replacement (tests);
         by default the manager starts `engines.count` SGLang engines and replaces failed ones itself."""
         from transformers import AutoTokenizer
 
@@ -96,7 +98,9 @@ class RolloutManager:
         self.flow = RolloutFlow(flow_settings(rollout, loop),
                                 decode=lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True))
         self.rewards = RewardRunner(rewards, reward_settings)
-        self.reward_names = [r.name for r in rewards]
+        self.task_rewards = {task: RewardRunner(specs, reward_settings) for task, specs in (task_rewards or {}).items()}
+        self.reward_names = {None: [r.name for r in rewards],
+                             **{task: [r.name for r in specs] for task, specs in (task_rewards or {}).items()}}
         if engine_handles is None:
             handles = [_start_engine(engines, i) for i in range(engines.count)]
             engine_factory = engine_factory or (lambda i: _start_engine(engines, i))
@@ -235,8 +239,10 @@ class RolloutManager:
         for s, res in zip(plain, self.pool.generate(requests) if requests else []):
             s.append_response(res.output_ids, res.output_logprobs, res.output_versions)
             s.response_text = res.text
-        for s, (score, components) in zip(plain, score_samples(plain, self.rewards) if plain else []):
-            s.reward, s.reward_components = score, components
+        for task in {s.metadata.get("task") for s in plain}:
+            own = [s for s in plain if s.metadata.get("task") == task]
+            for s, (score, components) in zip(own, score_samples(own, self._rewards_for(task))):
+                s.reward, s.reward_components = score, components
         metrics = {"eval/prompts": float(len(rows))}
         if episodes:
             results = self.agents.run_whole(episodes, self._eval_turn(settings))
@@ -350,8 +356,8 @@ class RolloutManager:
                 with self._cond:
                     group = list(self.flow.groups.get(gid, []))
                 if group:
-                    scores = self._episode_scores(group) if group[0].multi_turn else score_samples(group,
-                                                                                                    self.rewards)
+                    scores = self._episode_scores(group) if group[0].multi_turn else \
+                        score_samples(group, self._rewards_for(group[0].metadata.get("task")))
                     with self._cond:
                         if gid in self.flow.groups:
                             if not self.flow.on_scored(gid, scores):
@@ -368,6 +374,10 @@ class RolloutManager:
             if r is None:
                 raise RuntimeError(f"sample {s.key}: its episode finished without a result")
         return [(r.reward, episode_components(r)) for r in results]
+
+    def _rewards_for(self, task: str | None) -> RewardRunner:
+        """The reward runner of a row's task: its own (reward.by_task, a task family's) or the run's."""
+        return self.task_rewards.get(task, self.rewards) if task is not None else self.rewards
 
     def _admit(self) -> None:
         """Fresh groups up to the capacity rule (called under self._cond)."""

@@ -9,9 +9,15 @@ from rewards import reward_batch_metrics
 from rollout.sample import Sample
 
 
-def sample_metrics(samples: list[Sample], prefix: str, reward_prefix: str, reward_names: list[str]) -> dict[str, float]:
+def sample_metrics(samples: list[Sample], prefix: str, reward_prefix: str,
+                   reward_names: dict[str | None, list[str]]) -> dict[str, float]:
+    """Metrics of scored samples; `reward_names` names the rewards of each task (None: the run's default reward).
+    When the samples come from several task families (their rows' `task`), each family also gets
+    `<prefix>/<task>/raw_reward`, its response lengths and its rewards' batch metrics
+    (e.g. `eval/factuality_qa/hallucination_rate`)."""
     if not samples:
         return {}
+    names = sorted({n for ns in reward_names.values() for n in ns})
     metrics = {f"{prefix}/raw_reward": statistics.fmean(s.reward for s in samples),
                f"{prefix}/response_len/mean": statistics.fmean(s.response_length for s in samples),
                f"{prefix}/response_len/max": float(max(s.response_length for s in samples)),
@@ -19,9 +25,18 @@ def sample_metrics(samples: list[Sample], prefix: str, reward_prefix: str, rewar
     for key in sorted({k for s in samples for k in s.reward_components}):
         values = [s.reward_components[key] for s in samples if key in s.reward_components]
         metrics[f"{reward_prefix}/{key}"] = statistics.fmean(values)
-    for name in reward_names:
+    for name in names:
         batch = reward_batch_metrics_for(name, [s.reward_components for s in samples])
         metrics.update({reward_prefix + k[len("reward"):]: v for k, v in batch.items()})
+    tasks = sorted({s.metadata.get("task") for s in samples if s.metadata.get("task")})
+    for task in tasks:
+        own = [s for s in samples if s.metadata.get("task") == task]
+        metrics[f"{prefix}/{task}/raw_reward"] = statistics.fmean(s.reward for s in own)
+        metrics[f"{prefix}/{task}/response_len/mean"] = statistics.fmean(s.response_length for s in own)
+        metrics[f"{prefix}/{task}/samples"] = float(len(own))
+        for name in reward_names.get(task, reward_names.get(None, [])):
+            batch = reward_batch_metrics_for(name, [s.reward_components for s in own])
+            metrics.update({f"{prefix}/{task}/{k.rsplit('/', 1)[-1]}": v for k, v in batch.items()})
     return metrics
 
 

@@ -178,6 +178,30 @@ class TrainRank:
         sums["grad_norm"] = float(grad_norm)
         return sums
 
+    def sft_step(self, items: list[TrainItem], shape: BatchShape, global_tokens: int) -> dict[str, float]:
+        """One supervised optimizer step (the warm-up, trainer/warmup.py): the mean negative log-likelihood of the
+        items' loss-masked response tokens over the global batch, normalised as in train_step."""
+        from megatron.core.distributed import finalize_model_grads
+
+        self.model.train()
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        scale = self.dp_size * shape.num_micro / max(global_tokens, 1)
+
+        def loss_fn(mb, chunk, logits):
+            nll_sum = -(self._token_logprobs(logits, mb.tokens) * mb.loss_mask).sum()
+            return nll_sum * scale, {"nll": nll_sum.item(), "tokens": mb.loss_mask.sum().item()}
+
+        per_micro = self._run_schedule(items, shape, loss_fn, forward_only=False)
+        finalize_model_grads([self.model])
+        with cpu_device_scope():
+            ok, grad_norm, _ = self.optimizer.step()
+        if not ok:
+            raise RuntimeError(f"rank {self.rank}: optimizer step failed (non-finite gradients?)")
+        sums = {k: sum(m[k] for m in per_micro) for k in per_micro[0]} if self.last_stage else {}
+        sums["grad_norm"] = float(grad_norm)
+        return sums
+
     @torch.no_grad()
     def export_hf_weights(self, grads: bool = False) -> list[tuple[str, torch.Tensor]] | None:
         """Full HF-named weights (or, with `grads`, the last step's reduced gradients of the trained ones),

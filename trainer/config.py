@@ -81,6 +81,10 @@ class RewardConfig:
     name: str | None = "char_fraction"
     kwargs: dict[str, Any] = field(default_factory=dict)
     combine: list[RewardTermConfig] = field(default_factory=list)
+    # Rows whose task (data.task_key) is a key here are scored by that reward instead (its weight is ignored);
+    # rows of a generated task family (data.format=tasks) default to the family's own reward. Agent rows are
+    # scored by their environment either way.
+    by_task: dict[str, RewardTermConfig] = field(default_factory=dict)
     timeout_s: float = 30.0
     max_concurrency: int = 64
     fallback_score: float = 0.0
@@ -91,11 +95,25 @@ class RewardConfig:
 
 
 @dataclass
+class WarmupConfig:
+    """Supervised warm-up before RL (trainer/warmup.py): `steps` optimizer steps on demonstrations of the run's
+    training rows (task families' and environments' experts), by the trainer itself; the result is cached under
+    `cache_dir` by a key of everything it depends on, so a second run starts RL from it at once. 0 = none."""
+    steps: int = 0
+    lr: float = 1.0e-3
+    batch_size: int = 16   # demonstrations per optimizer step, at most ...
+    batch_tokens: int = 4096  # ... this many tokens (rows of long families, agent episodes, come fewer per step)
+    seed: int = 0
+    cache_dir: str = "outputs/checkpoints/warmup"
+
+
+@dataclass
 class EvalConfig:
     # Generate for the data's eval rows (data.eval_path / eval_split / eval_fraction) and score them every N steps
     # and after the last step, with the weights just pushed to the engines; 0 = never.
     interval: int = 0
-    max_prompts: int = 64  # the first N eval rows, the same ones every time
+    at_start: bool = False  # also evaluate the starting policy (after any warm-up), logged at eval/step 0
+    max_prompts: int = 64  # N eval rows, the same ones every time (taken from each task family in turn)
     samples_per_prompt: int = 1
     temperature: float = 0.0  # 0 = greedy
     max_new_tokens: int | None = None  # None: rollout.max_new_tokens
@@ -107,6 +125,8 @@ class LoggingConfig:
     project: str = "slipstream"
     run_name: str | None = None
     dir: str = "outputs/wandb"
+    samples_interval: int = 10  # a W&B table of sample completions every N steps (and after the last); 0 = never
+    samples_per_table: int = 16
 
 
 @dataclass
@@ -130,6 +150,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
     output_dir: str = "outputs/run"
 
 
@@ -149,6 +170,15 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(t.weight_sync_bucket_mb > 0, "trainer.weight_sync_bucket_mb", f"must be > 0, got {t.weight_sync_bucket_mb}")
     _check(cfg.checkpoint.save_interval >= 0, "checkpoint.save_interval",
            f"must be >= 0 (0 = never), got {cfg.checkpoint.save_interval}")
+    _check(cfg.logging.samples_interval >= 0, "logging.samples_interval",
+           f"must be >= 0 (0 = never), got {cfg.logging.samples_interval}")
+    _check(cfg.logging.samples_per_table >= 1, "logging.samples_per_table",
+           f"must be >= 1, got {cfg.logging.samples_per_table}")
+    w = cfg.warmup
+    _check(w.steps >= 0, "warmup.steps", f"must be >= 0 (0 = no warm-up), got {w.steps}")
+    _check(w.lr > 0, "warmup.lr", f"must be > 0, got {w.lr}")
+    _check(w.batch_size >= 1, "warmup.batch_size", f"must be >= 1, got {w.batch_size}")
+    _check(w.batch_tokens >= 1, "warmup.batch_tokens", f"must be >= 1, got {w.batch_tokens}")
     e = cfg.eval
     _check(e.interval >= 0, "eval.interval", f"must be >= 0 (0 = never), got {e.interval}")
     for path, value in [("eval.max_prompts", e.max_prompts), ("eval.samples_per_prompt", e.samples_per_prompt),
@@ -196,6 +226,11 @@ def validate(cfg: RunConfig) -> RunConfig:
             load_reward(term.name, term.kwargs)
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"{where}.name: {exc}") from exc
+    for task, term in cfg.reward.by_task.items():
+        try:
+            load_reward(term.name, term.kwargs)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"reward.by_task.{task}.name: {exc}") from exc
     try:
         RunnerSettings(cfg.reward.timeout_s, cfg.reward.max_concurrency, cfg.reward.fallback_score,
                        cfg.reward.cache_size)

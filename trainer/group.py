@@ -102,6 +102,14 @@ class TrainerGroup:
                             "train/tis_truncated_frac": total["tis_truncated"] / tokens})
         return metrics
 
+    def sft_step(self, items: list[TrainItem]) -> dict[str, float]:
+        """One supervised optimizer step on `items` (loss on their loss-masked response tokens): the mean
+        negative log-likelihood per token and the gradient norm."""
+        per_rank = self._call("sft_step", items, sum(_loss_tokens(it) for it in items))
+        reporting = [r for r, info in zip(per_rank, self.info) if info["last_stage"] and info["tp_rank"] == 0]
+        nll, tokens = sum(r["nll"] for r in reporting), sum(r["tokens"] for r in reporting)
+        return {"nll": nll / max(tokens, 1.0), "tokens": tokens, "grad_norm": per_rank[0]["grad_norm"]}
+
     def export_weights(self, grads: bool = False) -> ray.ObjectRef:
         """A reference to rank 0's HF-named full weights (all ranks join the gather); engines resolve it
         directly from the object store, so the tensors never pass through the driver. With `grads`: the last

@@ -2,7 +2,6 @@
 actor), the Megatron trainer ranks, the weight push between them, run checkpoints and logging."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -14,6 +13,7 @@ import ray
 from glm5_model.hf_checkpoint import ensure_checkpoint
 from rewards import RewardSpec, RunnerSettings
 from rollout.data import PromptRow, load_data
+from rollout.data.formats import family_rewards
 from rollout.generation import SamplingSettings
 from rollout.manager import EngineSpec, EnginesJoining, RolloutBatch, RolloutManagerActor
 from trainer.batching import train_items
@@ -21,6 +21,7 @@ from trainer.config import ConfigError, RunConfig, resolve_path
 from trainer.group import TrainerGroup
 from trainer.advantages import batch_advantages
 from trainer.run_checkpoint import check_resumable, latest_checkpoint, read_run_state, save_checkpoint
+from trainer.wandb_log import init_wandb, log_step, log_warmup
 from trainer.weight_sync.strategies import build_weight_sync
 
 log = logging.getLogger("slipstream")
@@ -30,7 +31,8 @@ class Runtime:
     def __init__(self, cfg: RunConfig, rollout, trainer: TrainerGroup, wandb_run, eval_rows: list[PromptRow],
                  resume_from: tuple[Path, dict] | None, stop_token_ids: tuple[int, ...]):
         self.cfg, self.rollout, self.trainer, self.wandb_run = cfg, rollout, trainer, wandb_run
-        self.eval_rows, self.resume_from, self.stop_token_ids = eval_rows, resume_from, stop_token_ids
+        self.eval_rows = _each_task_in_turn(eval_rows)[:cfg.eval.max_prompts]
+        self.resume_from, self.stop_token_ids = resume_from, stop_token_ids
         self.output_dir = resolve_path(cfg.output_dir)
         self.engines = ray.get(rollout.engine_handles.remote())
         self.weight_sync = self._build_weight_sync(self.engines)
@@ -60,17 +62,24 @@ class Runtime:
             # Logical CPUs: actors mostly wait on each other, so we let them share the physical cores.
             ray.init(num_cpus=max(int(needed) + 1, os.cpu_count() or 1), include_dashboard=False,
                      log_to_driver=True)
+        if cfg.warmup.steps:  # supervised warm-up on demonstrations (cached): RL starts from its weights
+            from trainer.warmup import warm_up
+
+            checkpoint = warm_up(cfg, checkpoint, data.train, tokenizer)
         r, term_cfg = cfg.rollout, cfg.reward
         engines = EngineSpec(str(checkpoint), r.num_engines, cfg.model.dtype, r.max_total_tokens, cfg.trainer.seed,
                              r.engine_start_timeout_s, r.engine_cpus)
         rollout = manager_actor.options(num_cpus=0).remote(
             r, cfg.loop, cfg.data, data.train, engines,
             [RewardSpec(t.name, t.weight, t.kwargs) for t in term_cfg.terms()],
-            RunnerSettings(term_cfg.timeout_s, term_cfg.max_concurrency, term_cfg.fallback_score, term_cfg.cache_size))
+            RunnerSettings(term_cfg.timeout_s, term_cfg.max_concurrency, term_cfg.fallback_score, term_cfg.cache_size),
+            task_rewards=_task_rewards(cfg))
         trainer = TrainerGroup(cfg.trainer, str(checkpoint), layer_spec=cfg.model.layer_spec,
                                temperature=r.temperature)
         ray.get(rollout.ready.remote())  # engines are up
-        wandb_run = _init_wandb(cfg, resume_id=saved.get("wandb_run_id") if saved else None)
+        wandb_run = init_wandb(cfg, resume_id=saved.get("wandb_run_id") if saved else None)
+        if wandb_run is not None and cfg.warmup.steps and saved is None:
+            log_warmup(wandb_run, checkpoint)
         return cls(cfg, rollout, trainer, wandb_run, data.eval, (resume_from, saved) if saved else None,
                    tuple(stop_token_ids(tokenizer)))
 
@@ -90,6 +99,12 @@ class Runtime:
             start = state["next_step"]
             self._truncate_trace(start)
             print(f"resumed from {path} at step {start + 1}", flush=True)
+        elif self.cfg.eval.at_start and self.cfg.eval.interval:
+            metrics = self._run_eval()
+            print(f"start{_eval_summary(metrics)}{_task_summary(metrics, 'eval')}", flush=True)
+            self._record({"step": 0, **metrics})
+            if self.wandb_run is not None:
+                self.wandb_run.log({**metrics, "eval/step": 0})
         ray.get(self.rollout.start.remote())
         return start
 
@@ -171,12 +186,15 @@ class Runtime:
     def evaluate(self, step: int) -> dict[str, float]:
         """eval/* metrics for the eval rows under the weights the engines now hold, every eval.interval steps and
         after the last one ({} otherwise)."""
-        e = self.cfg.eval
-        if not self._due(e.interval, step):
+        if not self._due(self.cfg.eval.interval, step):
             return {}
+        return self._run_eval()
+
+    def _run_eval(self) -> dict[str, float]:
+        e = self.cfg.eval
         settings = SamplingSettings(e.max_new_tokens or self.cfg.rollout.max_new_tokens, e.temperature,
                                     self.cfg.rollout.top_p, self.stop_token_ids)
-        return ray.get(self.rollout.evaluate.remote(self.eval_rows[:e.max_prompts], settings, e.samples_per_prompt))
+        return ray.get(self.rollout.evaluate.remote(self.eval_rows, settings, e.samples_per_prompt))
 
     def save_checkpoint(self, step: int) -> None:
         """A run checkpoint after `step` (0-based) every checkpoint.save_interval steps and after the last one."""
@@ -200,30 +218,42 @@ class Runtime:
         with self.trace.open("a") as f:
             f.write(json.dumps({"step": batch.step, "time": time.time(), "groups": groups}) + "\n")
 
+    def _record(self, metrics: dict[str, float]) -> None:
+        """Appends one line of metrics (step 0: the evaluation before RL) to metrics.jsonl, which benchmarks read."""
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        with (self.output_dir / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(metrics) + "\n")
+
     def _truncate_trace(self, next_step: int) -> None:
-        """A resumed run redoes the steps after its checkpoint: their lines go."""
-        if self.trace.is_file():
-            lines = [ln for ln in self.trace.read_text().splitlines() if json.loads(ln)["step"] < next_step]
-            self.trace.write_text("".join(ln + "\n" for ln in lines))
+        """A resumed run redoes the steps after its checkpoint: their lines go (batch trace and metrics)."""
+        # The trace counts steps from 0, metrics.jsonl from 1 (0: the evaluation before RL).
+        for path, keep in ((self.trace, lambda s: s < next_step),
+                           (self.output_dir / "metrics.jsonl", lambda s: s <= next_step)):
+            if path.is_file():
+                lines = [ln for ln in path.read_text().splitlines() if keep(json.loads(ln)["step"])]
+                path.write_text("".join(ln + "\n" for ln in lines))
 
     def log(self, batch: RolloutBatch, metrics: dict[str, float]) -> None:
+        """The step line on the console, the step's metrics in <output_dir>/metrics.jsonl, and W&B."""
         step = batch.step
         m = metrics
+        self._record({"step": step + 1, **m})
         print(f"step {step + 1}/{self.cfg.trainer.num_steps} reward {m['rollout/raw_reward']:.4f} "
               f"pg_loss {m['train/pg_loss']:+.4f} grad_norm {m['train/grad_norm']:.3f} "
               f"resp_len {m['rollout/response_len/mean']:.1f} "
               f"|train-rollout logp| {m['train/train_rollout_logprob_abs_diff_current']:.2e} "
               f"stale {m['rollout/staleness/max']:.0f} "
               f"wait {m['perf/rollout_time']:.1f}s train {m['perf/train_time']:.1f}s "
-              f"sync {m['perf/update_weights_time']:.1f}s{_partial_summary(m)}{_agent_summary(m)}{_eval_summary(m)}",
+              f"sync {m['perf/update_weights_time']:.1f}s{_partial_summary(m)}{_agent_summary(m)}{_eval_summary(m)}"
+              f"{_task_summary(m, 'eval')}",
               flush=True)
         if self.wandb_run is not None:
-            import wandb
-
-            ages = sorted(batch.token_ages.items())
-            hist = {"rollout/staleness/hist": wandb.Histogram(np_histogram=(
-                [n for _, n in ages], [a for a, _ in ages] + [ages[-1][0] + 1]))} if ages else {}
-            self.wandb_run.log({**metrics, **hist, "train/step": step + 1, "rollout/step": step + 1})
+            # The advantages again (cheap: a few numbers per sample) for their histogram, rather than keeping them
+            # on the side between train() and log().
+            t = self.cfg.trainer
+            advantages = batch_advantages(batch.samples, self.cfg.rollout.samples_per_prompt, t.turn_advantage,
+                                          t.advantage_eps)
+            log_step(self.wandb_run, self.cfg, batch, metrics, advantages)
 
     def save_final(self) -> None:
         path = self.trainer.save_hf_checkpoint(str(self.output_dir / "final"))
@@ -238,6 +268,34 @@ class Runtime:
             if self.wandb_run is not None:
                 self.wandb_run.finish()
             ray.shutdown()
+
+
+def _each_task_in_turn(rows: list[PromptRow]) -> list[PromptRow]:
+    """Rows reordered to take one of each task family in turn (in each family's own order), so that the first N
+    rows cover every family."""
+    by_task: dict[str | None, list[PromptRow]] = {}
+    for row in rows:
+        by_task.setdefault(row.task, []).append(row)
+    queues = list(by_task.values())
+    return [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]
+
+
+def _task_summary(m: dict[str, float], prefix: str) -> str:
+    """Per-task-family reward (and factuality's hallucination rate) for the console, when there are families."""
+    tasks = sorted(k[len(prefix) + 1:-len("/raw_reward")] for k in m
+                   if k.startswith(prefix + "/") and k.endswith("/raw_reward") and k.count("/") == 2)
+    parts = [f"{t} {m[f'{prefix}/{t}/raw_reward']:+.2f}" for t in tasks]
+    parts += [f"{t} halluc {m[f'{prefix}/{t}/hallucination_rate']:.2f}" for t in tasks
+              if f"{prefix}/{t}/hallucination_rate" in m]
+    return f" [{', '.join(parts)}]" if parts else ""
+
+
+def _task_rewards(cfg: RunConfig) -> dict[str, list[RewardSpec]]:
+    """Rewards by row task: a generated task family's own (data.format=tasks), then reward.by_task."""
+    families = family_rewards(cfg.data.path) if cfg.data.format == "tasks" else {}
+    out = {task: [RewardSpec(name, 1.0, kwargs)] for task, (name, kwargs) in families.items()}
+    out.update({task: [RewardSpec(t.name, 1.0, t.kwargs)] for task, t in cfg.reward.by_task.items()})
+    return out
 
 
 def _eval_summary(metrics: dict[str, float]) -> str:
@@ -262,20 +320,3 @@ def _partial_summary(m: dict[str, float]) -> str:
         return ""
     return (f" | resumed {resumed:.0f} aborted {m.get('rollout/flow/total_aborted_requests', 0.0):.0f} "
             f"partial {partial:.0f} live {m.get('rollout/flow/live_groups', 0.0):.0f}")
-
-
-def _init_wandb(cfg: RunConfig, resume_id: str | None = None):
-    if cfg.logging.wandb_mode == "disabled":
-        return None
-    import wandb
-
-    wandb_dir = resolve_path(cfg.logging.dir)
-    wandb_dir.mkdir(parents=True, exist_ok=True)
-    # A resumed run keeps logging into the same W&B run (offline runs sync as one run too).
-    run = wandb.init(project=cfg.logging.project, name=cfg.logging.run_name, mode=cfg.logging.wandb_mode,
-                     dir=str(wandb_dir), config=dataclasses.asdict(cfg), id=resume_id,
-                     resume="allow" if resume_id else None)
-    for axis in ("train", "rollout", "reward", "perf", "eval"):
-        run.define_metric(f"{axis}/*", step_metric="train/step" if axis in ("train", "perf", "eval")
-                          else "rollout/step")
-    return run

@@ -21,6 +21,9 @@ SPLITS = ("train", "heldout")
 
 TaskGenerator = Callable[[str, int, int], list[Task]]
 EnvFactory = Callable[..., Any]
+# A demonstration policy: the next assistant message given the task (its hidden data too) and the conversation
+# so far; what a warm-up teaches before RL (trainer/warmup.py).
+Expert = Callable[[Task, list[dict[str, Any]]], dict[str, Any]]
 
 _REGISTRY: dict[str, "EnvSpec"] = {}
 _builtins_loaded = False
@@ -35,6 +38,7 @@ class EnvSpec:
     factory: EnvFactory
     tasks: TaskGenerator | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
+    expert: Expert | None = None
 
     def make(self) -> Any:
         return self.factory(**self.kwargs)
@@ -52,15 +56,17 @@ class EnvSpec:
         return tasks
 
 
-def register_env(name: str, tasks: TaskGenerator | None = None):
-    """Registers an environment class or factory under `name`, with an optional task generator."""
+def register_env(name: str, tasks: TaskGenerator | None = None, expert: Expert | None = None):
+    """Registers an environment class or factory under `name`, with an optional task generator and an optional
+    demonstration policy (`expert`)."""
 
     def decorator(factory: EnvFactory) -> EnvFactory:
         _check_factory(name, factory)
         existing = _REGISTRY.get(name)
         if existing is not None and existing.factory is not factory:
             raise ValueError(f"environment {name!r} is already registered by {existing.factory.__module__}")
-        _REGISTRY[name] = EnvSpec(name, factory, tasks or getattr(factory, "generate_tasks", None))
+        _REGISTRY[name] = EnvSpec(name, factory, tasks or getattr(factory, "generate_tasks", None), {},
+                                  expert or getattr(factory, "expert", None))
         return factory
 
     return decorator
@@ -81,7 +87,7 @@ def load_env(name: str, kwargs: dict[str, Any] | None = None) -> EnvSpec:
         unknown = [k for k in kwargs if k not in params]
         if unknown:
             raise ValueError(f"environment {name!r} does not take argument(s) {unknown}; it takes {list(params)}")
-    return EnvSpec(spec.name, spec.factory, spec.tasks, kwargs)
+    return EnvSpec(spec.name, spec.factory, spec.tasks, kwargs, spec.expert)
 
 
 def _resolve(name: str) -> EnvSpec:
@@ -94,7 +100,7 @@ def _resolve(name: str) -> EnvSpec:
         except (ImportError, AttributeError, SyntaxError) as exc:
             raise ValueError(f"environment {name!r} could not be loaded: {exc}") from exc
         _check_factory(name, factory)
-        return EnvSpec(name, factory, getattr(factory, "generate_tasks", None))
+        return EnvSpec(name, factory, getattr(factory, "generate_tasks", None), {}, getattr(factory, "expert", None))
     raise ValueError(f"unknown environment {name!r}; registered: {sorted(_REGISTRY)} "
                      "(or use 'module:Class' / 'path/to/file.py:Class')")
 

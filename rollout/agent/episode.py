@@ -111,3 +111,20 @@ async def run_episode(runner: EnvRunner, task: Task, tokenizer: Any, generate: G
         await episode.finish()
         raise
     return await episode.finish()
+
+
+Expert = Callable[[Task, list], dict]
+
+
+async def demonstrate_episode(runner: EnvRunner, task: Task, tokenizer: Any, expert: Expert) -> AgentEpisodeResult:
+    """An episode whose turns are `expert(task, messages so far)` (an assistant message), rendered as a model that
+    follows the chat template would generate it: the token sequence the warm-up trains on, with the environment's
+    real observations between the turns."""
+    episode = await AgentEpisode.start(runner, task, tokenizer)
+    while not episode.done:
+        ids = episode.renderer.assistant_ids(expert(task, list(episode.session.messages)))
+        if len(ids) > episode.tokens_left:
+            episode.session.turn_truncated(0)
+            break
+        await episode.add_model_turn(ids)
+    return await episode.finish()

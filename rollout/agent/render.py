@@ -42,6 +42,15 @@ class ChatRenderer:
         """The first prompt, ending with the assistant header (as rollout/data/render.py renders dataset rows)."""
         return self.encode(self.text(messages, add_generation_prompt=True))
 
+    def assistant_ids(self, message: Message) -> list[int]:
+        """The ids a model following the template generates for one assistant `message` after the generation
+        prompt, with the stop token that ends such a turn (<|observation|> after tool calls, else <|user|>)."""
+        history = [{"role": "user", "content": "q"}]
+        before = self.text(history, add_generation_prompt=True)
+        text = self.text(history + [message], add_generation_prompt=False)[len(before):]
+        stop = "<|observation|>" if message.get("tool_calls") else "<|user|>"
+        return self.encode(text) + [self.tokenizer.convert_tokens_to_ids(stop)]
+
     def decode_turn(self, ids: list[int]) -> str:
         """A model turn's text with its special tokens (tool-call tags), without the stop token that ended it."""
         if ids and ids[-1] in self.stop_ids:

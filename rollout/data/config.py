@@ -11,9 +11,10 @@ from rollout.config_schema import ConfigError, check as _check, resolve_path
 class DataConfig:
     """Prompt dataset; see rollout/data. Optional columns (label/task/tools) may be absent from a row; null keys
     turn a column off. Structural checks run on every row, token-length checks on `validate_rows` of them."""
-    path: str = "data/quickstart_prompts.jsonl"   # file, directory (shards or save_to_disk), hub or env name
-    format: Literal["auto", "jsonl", "json", "parquet", "arrow", "hub", "env"] = "auto"  # auto: never hub/env
-    split: str = "train"                 # split of a DatasetDict directory / hub dataset / env ("heldout")
+    path: str = "data/quickstart_prompts.jsonl"   # file, directory (shards or save_to_disk), hub name, or
+    # (format tasks) task families / environments, comma-separated: "factuality_qa,coding_fn,calculator"
+    format: Literal["auto", "jsonl", "json", "parquet", "arrow", "hub", "tasks"] = "auto"  # auto: never hub/tasks
+    split: str = "train"                 # split of a DatasetDict directory / hub dataset / generator ("heldout")
     messages_key: str = "messages"       # chat messages (list of {role, content, ...}) or a plain-string prompt
     label_key: str | None = "label"
     task_key: str | None = "task"        # task family
@@ -26,10 +27,10 @@ class DataConfig:
     eval_path: str | None = None         # separate eval source (same format and mapping) ...
     eval_split: str | None = None        # ... or another split of `path` / `eval_path` ...
     eval_fraction: float = 0.0           # ... or hold this fraction of train rows out, chosen by shuffle_seed
-    # format env: the environment's task generator makes this many train tasks (and eval tasks, from the split
-    # data.eval_split names, usually "heldout"), drawn from shuffle_seed.
-    env_tasks: int = 256
-    env_eval_tasks: int = 32
+    # format tasks: each generator makes this many train tasks (and eval tasks, from the split data.eval_split
+    # names, usually "heldout"), drawn from shuffle_seed.
+    generated_tasks: int = 256
+    generated_eval_tasks: int = 32
     max_prompt_tokens: int | None = None
     validate_rows: int | Literal["all"] = "all"
     on_invalid: Literal["strict", "skip"] = "strict"
@@ -40,11 +41,11 @@ def validate_data_config(d: DataConfig) -> DataConfig:
     from rollout.data.formats import detect_format
     from rollout.data.rows import DataError
 
-    if d.format == "env":
-        _validate_env_source(d)
+    if d.format == "tasks":
+        _validate_generated_source(d)
     for key in ("path", "eval_path"):
         value = getattr(d, key)
-        if value is None or d.format in ("hub", "env"):
+        if value is None or d.format in ("hub", "tasks"):
             continue
         p = resolve_path(value)
         _check(p.exists(), f"data.{key}", f"no such file or directory: {p}")
@@ -68,25 +69,34 @@ def validate_data_config(d: DataConfig) -> DataConfig:
     return d
 
 
-def _validate_env_source(d: DataConfig) -> None:
+def _validate_generated_source(d: DataConfig) -> None:
     from rewards.envs import load_env
     from rewards.envs.registry import SPLITS
+    from rewards.tasks import registered_task_families
+    from rollout.data.formats import generator_names
 
     for key in ("path", "eval_path"):
-        name = getattr(d, key)
-        if name is None:
+        value = getattr(d, key)
+        if value is None:
             continue
-        try:
-            spec = load_env(name)
-        except (ValueError, TypeError) as exc:
-            raise ConfigError(f"data.{key}: {exc}") from exc
-        _check(spec.tasks is not None, f"data.{key}", f"environment {name!r} has no task generator; with "
-               "data.format=env its tasks come from one (or use a dataset whose labels name the environment)")
+        names = generator_names(value)
+        _check(bool(names), f"data.{key}", "name at least one task family or environment")
+        _check(len(set(names)) == len(names), f"data.{key}", f"a generator is named twice: {value!r}")
+        for name in names:
+            if name in registered_task_families():
+                continue
+            try:
+                spec = load_env(name)
+            except (ValueError, TypeError) as exc:
+                raise ConfigError(f"data.{key}: {name!r} is no task family ({registered_task_families()}) and no "
+                                  f"environment: {exc}") from exc
+            _check(spec.tasks is not None, f"data.{key}", f"environment {name!r} has no task generator; with "
+                   "data.format=tasks its tasks come from one (or use a dataset whose labels name the environment)")
     for key in ("split", "eval_split"):
         value = getattr(d, key)
-        _check(value is None or value in SPLITS, f"data.{key}", f"environment splits are {list(SPLITS)}, "
+        _check(value is None or value in SPLITS, f"data.{key}", f"generated tasks have splits {list(SPLITS)}, "
                f"got {value!r}")
     _check(d.eval_split is None or d.eval_path is not None or d.eval_split != d.split, "data.eval_split",
-           f"the eval split must differ from the train split ({d.split!r}) of the same environment")
-    for key, value in (("env_tasks", d.env_tasks), ("env_eval_tasks", d.env_eval_tasks)):
+           f"the eval split must differ from the train split ({d.split!r}) of the same generators")
+    for key, value in (("generated_tasks", d.generated_tasks), ("generated_eval_tasks", d.generated_eval_tasks)):
         _check(value >= 1, f"data.{key}", f"must be >= 1, got {value}")

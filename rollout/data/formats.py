@@ -1,6 +1,6 @@
 """Reading records from the formats users already have: JSONL (or a JSON array), Parquet, a
-`datasets.save_to_disk` directory, a Hugging Face hub dataset name (when the network allows), or an agent
-environment's task generator (`env`: the path is the environment's name, rewards/envs).
+`datasets.save_to_disk` directory, a Hugging Face hub dataset name (when the network allows), or task generators
+(`tasks`: the path names task families and agent environments, comma-separated; rewards/tasks, rewards/envs).
 
 Every record comes with `where` ("path line 7" for JSONL, 1-based like an editor; "path row 6" for tabular data,
 0-based like `ds[6]`) so that validation messages point at the exact row. Lines that are not UTF-8 or not JSON
@@ -14,7 +14,7 @@ from typing import Any, Iterator
 
 from rollout.data.rows import DataError
 
-FORMATS = ("auto", "jsonl", "json", "parquet", "arrow", "hub", "env")
+FORMATS = ("auto", "jsonl", "json", "parquet", "arrow", "hub", "tasks")
 _DATASETS_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 
 
@@ -140,30 +140,52 @@ def _pick_split(obj, split: str, label: str):
     return obj
 
 
-def read_env_tasks(name: str, split: str, count: int, seed: int = 0) -> Iterator[RawRecord]:
-    """Rows of an environment's generated tasks, in the default field names: the prompt and tools the model sees,
-    the task family (the environment's name) and a label naming the environment and the whole task, which makes
-    the rollout run each row as an episode (rollout/agent)."""
+def generator_names(path: str) -> list[str]:
+    """The task families / environments a `tasks` source names ("coding_fn,calculator")."""
+    return [n.strip() for n in str(path).split(",") if n.strip()]
+
+
+def family_rewards(path: str) -> dict[str, tuple[str, dict]]:
+    """The reward (name, kwargs) of each task family a `tasks` source names; environments score their own."""
+    from rewards.tasks import load_task_family, registered_task_families
+
+    families = [load_task_family(n) for n in generator_names(path) if n in registered_task_families()]
+    return {f.name: (f.reward, dict(f.reward_kwargs)) for f in families}
+
+
+def read_generated_tasks(names: list[str], split: str, count: int, seed: int = 0) -> Iterator[RawRecord]:
+    """`count` generated tasks of each named generator, in the default field names, family after family: the
+    prompt and tools the model sees and the task family (the generator's name). A task family's row is labelled
+    with what its reward reads; an environment's row with the environment and the whole task, which makes the
+    rollout run it as an episode (rollout/agent)."""
     from rewards.envs import load_env
+    from rewards.tasks import load_task_family, registered_task_families
 
-    try:
-        tasks = load_env(name).generate_tasks(split, count, seed)
-    except (ValueError, TypeError) as exc:
-        raise DataError(f"environment {name!r}: {exc}") from exc
-    for i, t in enumerate(tasks):
-        task = {"id": t.id, "prompt": t.prompt, "tools": t.tools, "data": t.data, "split": t.split}
-        yield RawRecord(i, f"env {name}[{split}] task {i}",
-                        {"messages": t.prompt, "tools": t.tools or None, "task": name,
-                         "label": {"env": name, "task": task}})
+    index = 0  # rows are numbered across all generators, as the lines of one file
+    for name in names:
+        try:
+            if name in registered_task_families():
+                family = load_task_family(name)
+                tasks, episodes = family.generate(split, count, seed), False
+            else:
+                tasks, episodes = load_env(name).generate_tasks(split, count, seed), True
+        except (ValueError, TypeError) as exc:
+            raise DataError(f"task generator {name!r}: {exc}") from exc
+        for i, t in enumerate(tasks):
+            label = {"env": name, "task": {"id": t.id, "prompt": t.prompt, "tools": t.tools, "data": t.data,
+                                           "split": t.split}} if episodes else t.data
+            yield RawRecord(index, f"{name}[{split}] task {i}",
+                            {"messages": t.prompt, "tools": t.tools or None, "task": name, "label": label})
+            index += 1
 
 
-def read_records(path: str | Path, fmt: str = "auto", split: str = "train", *, env_tasks: int = 0,
+def read_records(path: str | Path, fmt: str = "auto", split: str = "train", *, generated_tasks: int = 0,
                  seed: int = 0) -> Iterator[RawRecord]:
-    """All records of the source, in file order (shards sorted by name). `env_tasks`, `seed`: how many tasks an
-    `env` source generates, and from which seed."""
+    """All records of the source, in file order (shards sorted by name). `generated_tasks`, `seed`: how many
+    tasks a `tasks` source makes per generator, and from which seed."""
     fmt = detect_format(path, fmt)
-    if fmt == "env":
-        yield from read_env_tasks(str(path), split, env_tasks, seed)
+    if fmt == "tasks":
+        yield from read_generated_tasks(generator_names(str(path)), split, generated_tasks, seed)
         return
     if fmt == "hub":
         import datasets

@@ -38,7 +38,7 @@ def field_map(cfg: "DataConfig") -> FieldMap:
 
 def resolve_source(path: str, fmt: str) -> str:
     """Hub names stay as they are; relative paths are relative to the repository, as everywhere in the config."""
-    if fmt in ("hub", "env"):
+    if fmt in ("hub", "tasks"):
         return path
     from rollout.config_schema import resolve_path
 
@@ -49,11 +49,11 @@ def _load_one(cfg: "DataConfig", path: str, split: str, tokenizer, label: str) -
                                                                                           ValidationReport, str]:
     source = resolve_source(path, cfg.format)
     fmt = detect_format(source, cfg.format)
-    # An env source's rows are ours, in the default field names, and always labelled.
-    fields = field_map(cfg) if fmt != "env" else FieldMap(require_label=True, system_prompt=cfg.system_prompt)
-    count = cfg.env_eval_tasks if label == "eval" else cfg.env_tasks
+    # Generated rows are ours, in the default field names, and always labelled.
+    fields = field_map(cfg) if fmt != "tasks" else FieldMap(require_label=True, system_prompt=cfg.system_prompt)
+    count = cfg.generated_eval_tasks if label == "eval" else cfg.generated_tasks
     rows, report = validate_records(
-        read_records(source, fmt, split, env_tasks=count, seed=cfg.shuffle_seed), fields,
+        read_records(source, fmt, split, generated_tasks=count, seed=cfg.shuffle_seed), fields,
         source=f"{label} {source}", mode=cfg.on_invalid,
         tokenizer=tokenizer, max_prompt_tokens=cfg.max_prompt_tokens, validate_rows=cfg.validate_rows,
         seed=cfg.shuffle_seed)

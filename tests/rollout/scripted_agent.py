@@ -22,13 +22,9 @@ def _tools():
     return tok, ChatRenderer(tok, TOOLS)
 
 
-def assistant_ids(message: dict, stop: str) -> list[int]:
-    """The tokens the template renders for one assistant message after a generation prompt, plus `stop`."""
-    tok, renderer = _tools()
-    history = [{"role": "user", "content": "q"}]
-    before = renderer.text(history, add_generation_prompt=True)
-    text = renderer.text(history + [message], add_generation_prompt=False)[len(before):]
-    return tok.encode(text, add_special_tokens=False) + [tok.convert_tokens_to_ids(stop)]
+def assistant_ids(message: dict) -> list[int]:
+    """The tokens the template renders for one assistant message after a generation prompt, plus its stop token."""
+    return _tools()[1].assistant_ids(message)
 
 
 def call(name: str, **arguments) -> dict:
@@ -43,16 +39,13 @@ def next_turn(context: str) -> list[int]:
     results = re.findall(r"<tool_response>\n(.*?)\n</tool_response>", conversation, flags=re.S)
     if not results:
         return assistant_ids({"role": "assistant", "content": "",
-                              "tool_calls": [call("lookup_price", item=item) for _, item in basket]},
-                             "<|observation|>")
+                              "tool_calls": [call("lookup_price", item=item) for _, item in basket]})
     if len(results) == len(basket):
         subtotal = " + ".join(f"{qty} * {price}" for (qty, _), price in zip(basket, results))
         off = int(discount.group(1)) if discount else 0
         return assistant_ids({"role": "assistant", "content": "",
-                              "tool_calls": [call("calculate", expression=f"({subtotal}) * {100 - off} / 100")]},
-                             "<|observation|>")
-    return assistant_ids({"role": "assistant", "content": f"The total is computed. Answer: {results[-1]}"},
-                         "<|user|>")
+                              "tool_calls": [call("calculate", expression=f"({subtotal}) * {100 - off} / 100")]})
+    return assistant_ids({"role": "assistant", "content": f"The total is computed. Answer: {results[-1]}"})
 
 
 def respond(input_ids: list[int]) -> list[int]:

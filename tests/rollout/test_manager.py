@@ -253,3 +253,31 @@ def test_openai_endpoint_onto_the_pool(ray_session, tiny_checkpoint, monkeypatch
         assert bad.status_code == 400 and "prompt" in bad.json()["error"]["message"]
     finally:
         m.shutdown()
+
+
+def test_rows_are_scored_by_their_task_reward_and_reported_per_task(ray_session, tiny_checkpoint):
+    """reward.by_task / a task family's reward scores its rows; the rest get the run's reward; batch and eval
+    metrics are split by task, with the factuality reward's batch metrics per task."""
+    from rollout.generation import SamplingSettings
+
+    rows = [PromptRow(i, [{"role": "user", "content": f"Capital of Zorbia {i}?"}], label="Quell",
+                      task="facts") if i % 2 else PromptRow(i, [{"role": "user", "content": f"q {i}"}])
+            for i in range(8)]
+    r = RolloutConfig(prompts_per_step=4, samples_per_prompt=2, max_new_tokens=8)
+    handles = [ScriptedEngineActor.remote(seed=0)]
+    m = RolloutManager(r, LoopConfig(), DataConfig(shuffle=False), rows, EngineSpec(str(tiny_checkpoint), 1),
+                       [RewardSpec("char_fraction")], RunnerSettings(), engine_handles=handles,
+                       task_rewards={"facts": [RewardSpec("factuality")]})
+    m.start()
+    try:
+        batch = m.next_batch(0)
+        evaluated = m.evaluate(rows[:4], SamplingSettings(4))
+    finally:
+        m.shutdown()
+    for s in batch.samples:
+        own = "factuality" if s.metadata["task"] == "facts" else "char_fraction"
+        assert f"{own}/score" in s.reward_components and len({k.split("/")[0] for k in s.reward_components}) == 1
+    metrics = batch.metrics
+    assert metrics["rollout/facts/samples"] == 4.0 and "rollout/facts/hallucination_rate" in metrics
+    assert metrics["rollout/facts/raw_reward"] <= 0.0  # random tokens never name Quell
+    assert "eval/facts/raw_reward" in evaluated and "eval/facts/abstention_rate" in evaluated

@@ -24,7 +24,7 @@ def tok():
 
 
 def _run(ray, checkpoint, tok, steps: int, tick_s: float, **overrides):
-    data = validate_data_config(DataConfig(path="calculator", format="env", env_tasks=12, shuffle=False))
+    data = validate_data_config(DataConfig(path="calculator", format="tasks", generated_tasks=12, shuffle=False))
     rows = load_data(data, tok).train
     r = RolloutConfig(prompts_per_step=2, samples_per_prompt=2, max_new_tokens=512,
                       agent=AgentConfig(max_turns=4, max_tokens=600), **overrides)
@@ -112,8 +112,8 @@ def test_evaluate_runs_heldout_episodes_whole(ray_session, tiny_checkpoint, tok)
     a budget too small for the scripted turns ends episodes on the token limit with reward 0."""
     from rollout.generation import SamplingSettings
 
-    data = validate_data_config(DataConfig(path="calculator", format="env", env_tasks=4, env_eval_tasks=3,
-                                           eval_split="heldout", shuffle=False))
+    data = validate_data_config(DataConfig(path="calculator", format="tasks", generated_tasks=4,
+                                           generated_eval_tasks=3, eval_split="heldout", shuffle=False))
     loaded = load_data(data, tok)
     assert all(r.label["task"]["split"] == "heldout" for r in loaded.eval)
 

@@ -99,7 +99,24 @@ def generate_tasks(split: str, count: int, seed: int = 0) -> list[Task]:
     return draw_tasks("calculator", split, count, seed, _candidate)
 
 
-@register_env("calculator", tasks=generate_tasks)
+def expert(task: Task, messages: list[Message]) -> Message:
+    """The demonstration policy: look every basket item up in one turn, have `calculate` apply the quantities and
+    the discount to the prices the tool returned, then answer with what it returned."""
+    results = [m["content"] for m in messages if m["role"] == "tool"]
+    basket, discount = task.data["basket"], task.data["discount_percent"]
+
+    def call(name: str, **arguments) -> dict:
+        return {"type": "function", "function": {"name": name, "arguments": arguments}}
+    if not results:
+        return {"role": "assistant", "content": "", "tool_calls": [call("lookup_price", item=i) for i in basket]}
+    if len(results) == len(basket):
+        subtotal = " + ".join(f"{qty} * {price}" for qty, price in zip(basket.values(), results))
+        expression = f"({subtotal}) * {100 - discount} / 100" if discount else subtotal
+        return {"role": "assistant", "content": "", "tool_calls": [call("calculate", expression=expression)]}
+    return {"role": "assistant", "content": f"Answer: {results[-1]}"}
+
+
+@register_env("calculator", tasks=generate_tasks, expert=expert)
 class CalculatorEnv(ToolEnvironment):
     def __init__(self, lookup_reward: float = 0.0):
         self.lookup_reward = float(lookup_reward)
