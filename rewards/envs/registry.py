@@ -46,14 +46,19 @@ class EnvSpec:
     def generate_tasks(self, split: str, count: int, seed: int = 0) -> list[Task]:
         if self.tasks is None:
             raise ValueError(f"environment {self.name!r} has no task generator; its tasks come from the dataset")
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        if count < 0:
-            raise ValueError(f"count must be >= 0, got {count}")
-        tasks = self.tasks(split, count, seed)
-        if len(tasks) != count or not all(isinstance(t, Task) for t in tasks):
-            raise TypeError(f"environment {self.name!r}: its task generator must return {count} Tasks")
-        return tasks
+        return checked_tasks(f"environment {self.name!r}", self.tasks, split, count, seed)
+
+
+def checked_tasks(owner: str, generator: TaskGenerator, split: str, count: int, seed: int) -> list[Task]:
+    """`generator(split, count, seed)`, with the arguments and the result checked (`owner` names it in errors)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if count < 0:
+        raise ValueError(f"count must be >= 0, got {count}")
+    tasks = generator(split, count, seed)
+    if len(tasks) != count or not all(isinstance(t, Task) for t in tasks):
+        raise TypeError(f"{owner}: its task generator must return {count} Tasks")
+    return tasks
 
 
 def register_env(name: str, tasks: TaskGenerator | None = None, expert: Expert | None = None):

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from rewards.envs.api import Task
-from rewards.envs.registry import SPLITS
+from rewards.envs.registry import checked_tasks
 from rewards.registry import load_entry_points
 
 ENTRY_POINT_GROUP = "slipstream.tasks"
@@ -29,14 +29,7 @@ class TaskFamily:
     demonstrate: Callable[[Task], str | None] = lambda task: None
 
     def generate(self, split: str, count: int, seed: int = 0) -> list[Task]:
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        if count < 0:
-            raise ValueError(f"count must be >= 0, got {count}")
-        tasks = self.generate_fn(split, count, seed)
-        if len(tasks) != count or not all(isinstance(t, Task) for t in tasks):
-            raise TypeError(f"task family {self.name!r}: its generator must return {count} Tasks")
-        return tasks
+        return checked_tasks(f"task family {self.name!r}", self.generate_fn, split, count, seed)
 
 
 def register_task_family(family: TaskFamily) -> TaskFamily:
