@@ -29,10 +29,14 @@ def make_group(row: PromptRow, prompt_ids: list[int], group_id: int, group_size:
     """The `group_size` (not yet generated) samples of one prompt; metadata names the row (and the epoch it was
     served in) so a run's trained prompts can be audited."""
     meta = {"row": row.index, "epoch": epoch, "task": row.task, **row.metadata}
-    agent = isinstance(row.label, dict) and "env" in row.label  # an episode of an environment (rollout/agent)
     return [Sample(prompt_ids=list(prompt_ids), group_id=group_id, index_in_group=k, prompt=row.messages,
-                   label=row.label, metadata=dict(meta), multi_turn=agent)
+                   label=row.label, metadata=dict(meta), multi_turn=is_agent_row(row))
             for k in range(group_size)]
+
+
+def is_agent_row(row: PromptRow) -> bool:
+    """Whether the row is an episode of an environment (its label names one; rollout/agent runs it)."""
+    return isinstance(row.label, dict) and "env" in row.label
 
 
 def score_samples(samples: list[Sample], runner: RewardRunner) -> list[tuple[float, dict[str, float]]]:

@@ -25,10 +25,10 @@ from pathlib import Path
 from rewards.envs import EnvRunner, EnvSettings, Task, load_env
 from rewards.tasks import load_task_family, registered_task_families
 from rollout.agent import demonstrate_episode
-from rollout.agent.driver import task_of
+from rollout.agent.driver import label_task
 from rollout.config import AgentConfig
 from rollout.data import PromptRow, render_prompt
-from rollout.generation import make_group
+from rollout.generation import is_agent_row
 from trainer.batching import TrainItem
 from trainer.config import RunConfig, resolve_path
 
@@ -56,9 +56,8 @@ def demonstrations(rows: list[PromptRow], tokenizer, agent: AgentConfig) -> list
     runners: dict[str, EnvRunner] = {}
     out: list[Demonstration] = []
     for row in rows:
-        (sample,) = make_group(row, [0], group_id=0, group_size=1)
-        if sample.multi_turn:
-            name, task = task_of(sample)
+        if is_agent_row(row):
+            name, task = label_task(row.label, row.messages, f"row {row.index}")
             expert = load_env(name).expert
             if expert is None:
                 continue

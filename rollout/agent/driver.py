@@ -35,12 +35,17 @@ class EnvAnswer:
 
 def task_of(sample: Sample) -> tuple[str, Task]:
     """The environment name and task a multi-turn sample's label carries ({"env": name, "task": {...}})."""
-    label = sample.label if isinstance(sample.label, dict) else {}
+    return label_task(sample.label, sample.prompt, f"sample {sample.key} (row {sample.metadata.get('row')})")
+
+
+def label_task(label: Any, prompt: Any, where: str) -> tuple[str, Task]:
+    """The environment name and task of an agent row's label; `where` names the row or sample in errors."""
+    label = label if isinstance(label, dict) else {}
     if "env" not in label or not isinstance(label.get("task"), dict):
-        raise ValueError(f"sample {sample.key} (row {sample.metadata.get('row')}): a multi-turn sample's label "
-                         "must be {'env': <environment>, 'task': {'id', 'prompt', 'tools', 'data'}}")
+        raise ValueError(f"{where}: a multi-turn sample's label must be {{'env': <environment>, 'task': "
+                         "{'id', 'prompt', 'tools', 'data'}}")
     t = label["task"]
-    return label["env"], Task(id=str(t["id"]), prompt=list(t.get("prompt") or sample.prompt or []),
+    return label["env"], Task(id=str(t["id"]), prompt=list(t.get("prompt") or prompt or []),
                               tools=list(t.get("tools") or []), data=dict(t.get("data") or {}),
                               split=str(t.get("split", "train")))
 
