@@ -68,27 +68,45 @@ def shard_items(items: list[TrainItem], dp_size: int) -> list[list[TrainItem]]:
 class BatchShape:
     num_micro: int  # micro-batches per rank
     rows: int       # rows per micro-batch
-    seq_len: int    # padded sequence length
+    seq_len: int    # the longest padded length (the pipeline's fixed activation shape)
+    micro_seq_lens: tuple[int, ...] = ()  # padded length of each micro-batch (the same on every rank)
+
+    def micro_len(self, m: int) -> int:
+        return self.micro_seq_lens[m] if self.micro_seq_lens else self.seq_len
 
 
-def plan_shape(items: list[TrainItem], dp_size: int, micro_batch_size: int, seq_multiple: int = 1) -> BatchShape:
-    """The shape every rank uses for this batch; the sequence length is padded to a multiple of `seq_multiple`
-    (the tensor-parallel size under sequence parallelism)."""
+def plan_shape(items: list[TrainItem], dp_size: int, micro_batch_size: int, seq_multiple: int = 1,
+               uniform: bool = False) -> BatchShape:
+    """The shape every rank uses for this batch. Micro-batch m of each rank (its share is items[rank::dp_size])
+    holds items[dp_size * m * rows : dp_size * (m + 1) * rows]; it is padded to the longest of those -- the same
+    length on every rank, so collectives across ranks (expert parallelism) see equal shapes -- rounded up to a
+    multiple of `seq_multiple` (the tensor-parallel size under sequence parallelism). Items given longest first
+    (longest_first) make micro-batches of similar lengths and little padding. `uniform`: every micro-batch gets the
+    batch's longest length (pipeline parallelism sends fixed-shape activations between stages)."""
     if not items:
         raise ValueError("no samples to train on")
     per_rank = math.ceil(len(items) / dp_size)
     rows = min(micro_batch_size, per_rank)
-    seq_len = max(len(it.tokens) for it in items)
-    return BatchShape(math.ceil(per_rank / rows), rows, math.ceil(seq_len / seq_multiple) * seq_multiple)
+    num_micro = math.ceil(per_rank / rows)
+    lengths = [len(it.tokens) for it in items]
+    padded = [math.ceil(max(lengths[dp_size * m * rows:dp_size * (m + 1) * rows]) / seq_multiple) * seq_multiple
+              for m in range(num_micro)]
+    longest = max(padded)
+    return BatchShape(num_micro, rows, longest, tuple([longest] * num_micro if uniform else padded))
+
+
+def longest_first(items: list[TrainItem]) -> list[int]:
+    """The order that sorts items longest first (stable): positions into `items`."""
+    return sorted(range(len(items)), key=lambda i: -len(items[i].tokens))
 
 
 def make_micro_batches(items: list[TrainItem], shape: BatchShape, pad_id: int = 0,
                        current_version: int = 0) -> list[MicroBatch]:
     batches = []
-    rows, seq_len = shape.rows, shape.seq_len
+    rows = shape.rows
     with_prox = bool(items) and all(it.prox_logprobs is not None for it in items)
     for m in range(shape.num_micro):
-        chunk = items[m * rows:(m + 1) * rows]
+        chunk, seq_len = items[m * rows:(m + 1) * rows], shape.micro_len(m)
         tokens = torch.full((rows, seq_len), pad_id, dtype=torch.long)
         mask, response = torch.zeros(rows, seq_len - 1), torch.zeros(rows, seq_len - 1)
         adv = torch.zeros(rows, seq_len - 1)

@@ -8,7 +8,7 @@ import ray
 
 from glm5_model.parallel import free_port
 from trainer.actor import TrainRank
-from trainer.batching import TrainItem, plan_shape, shard_items
+from trainer.batching import TrainItem, longest_first, plan_shape, shard_items
 from trainer.config import TrainerConfig
 
 TrainRankActor = ray.remote(TrainRank)
@@ -42,21 +42,24 @@ class TrainerGroup:
         self.seq_multiple = cfg.tensor_parallel if cfg.sequence_parallel and cfg.tensor_parallel > 1 else 1
 
     def _call(self, method: str, items: list[TrainItem], *extra) -> list[Any]:
-        """Every rank gets its data-parallel share (tensor-parallel peers get the same share)."""
-        shape = plan_shape(items, self.dp_size, self.cfg.micro_batch_size, self.seq_multiple)
+        """Every rank gets its data-parallel share (tensor-parallel peers get the same share). `items` come longest
+        first (longest_first), so each micro-batch is padded to rows of about its own length."""
+        shape = plan_shape(items, self.dp_size, self.cfg.micro_batch_size, self.seq_multiple,
+                           uniform=self.cfg.pipeline_parallel > 1)
         shards = shard_items(items, self.dp_size)
         return ray.get([getattr(r, method).remote(shards[info["dp_rank"]], shape, *extra)
                         for r, info in zip(self.ranks, self.info)])
 
     def compute_logprobs(self, items: list[TrainItem]) -> list[list[float]]:
         """Response-token logprobs for each item, in the order given."""
-        per_rank = self._call("compute_logprobs", items)
+        order = longest_first(items)
+        per_rank = self._call("compute_logprobs", [items[i] for i in order])
         out: list[list[float] | None] = [None] * len(items)
         for info, values in zip(self.info, per_rank):
             if values is None or info["tp_rank"] != 0:  # not the last pipeline stage, or a tensor-parallel twin
                 continue
             for j, v in enumerate(values):
-                out[info["dp_rank"] + j * self.dp_size] = v
+                out[order[info["dp_rank"] + j * self.dp_size]] = v
         return out  # type: ignore[return-value]
 
     def train_step(self, items: list[TrainItem], train_version: int = 0) -> dict[str, float]:
@@ -73,7 +76,8 @@ class TrainerGroup:
         for lo, hi in zip(bounds, bounds[1:]):
             chunk = items[lo:hi]
             global_tokens = sum(_loss_tokens(it) for it in chunk)
-            per_rank = self._call("train_step", chunk, global_tokens, train_version)
+            per_rank = self._call("train_step", [chunk[i] for i in longest_first(chunk)], global_tokens,
+                                  train_version)
             # Loss statistics exist on the last pipeline stage; tensor-parallel twins report the same numbers.
             reporting = [r for r, info in zip(per_rank, self.info) if info["last_stage"] and info["tp_rank"] == 0]
             steps.append(({k: sum(r[k] for r in reporting) for k in reporting[0] if k != "grad_norm"},
@@ -105,7 +109,8 @@ class TrainerGroup:
     def sft_step(self, items: list[TrainItem]) -> dict[str, float]:
         """One supervised optimizer step on `items` (loss on their loss-masked response tokens): the mean
         negative log-likelihood per token and the gradient norm."""
-        per_rank = self._call("sft_step", items, sum(_loss_tokens(it) for it in items))
+        per_rank = self._call("sft_step", [items[i] for i in longest_first(items)],
+                              sum(_loss_tokens(it) for it in items))
         reporting = [r for r, info in zip(per_rank, self.info) if info["last_stage"] and info["tp_rank"] == 0]
         nll, tokens = sum(r["nll"] for r in reporting), sum(r["tokens"] for r in reporting)
         return {"nll": nll / max(tokens, 1.0), "tokens": tokens, "grad_norm": per_rank[0]["grad_norm"]}

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.batching import TrainItem, make_micro_batches, plan_shape, shard_items
+from trainer.batching import TrainItem, longest_first, make_micro_batches, plan_shape, shard_items
 from trainer.losses import grpo_advantages, ppo_clip_loss, truncated_is_weights
 
 
@@ -58,12 +58,28 @@ def _items():
 
 
 def test_micro_batches_have_equal_shapes_on_every_rank():
-    items = _items()
+    items = _items()  # 3..7 tokens
     shape = plan_shape(items, dp_size=2, micro_batch_size=2)
     per_rank = [make_micro_batches(shard, shape) for shard in shard_items(items, 2)]
     assert [len(b) for b in per_rank] == [shape.num_micro] * 2
-    shapes = {tuple(mb.tokens.shape) for batches in per_rank for mb in batches}
-    assert shapes == {(shape.rows, 7)}
+    # Micro-batch m has the same shape on every rank (expert-parallel collectives need it), padded to the longest
+    # of its rows over all ranks: items 0-3 (up to 6 tokens), then item 4 (7 tokens).
+    for m in range(shape.num_micro):
+        assert {tuple(batches[m].tokens.shape) for batches in per_rank} == {(shape.rows, shape.micro_len(m))}
+    assert shape.micro_seq_lens == (6, 7) and shape.seq_len == 7
+    # Pipeline parallelism: one length for all.
+    assert plan_shape(items, 2, 2, uniform=True).micro_seq_lens == (7, 7)
+
+
+def test_longest_first_batches_pad_less():
+    items = [TrainItem([1] * n, 1, 0.0, [0.0] * (n - 1)) for n in (5, 90, 6, 100, 4, 95)]
+    mixed = plan_shape(items, 1, 2)
+    ordered = [items[i] for i in longest_first(items)]
+    sorted_shape = plan_shape(ordered, 1, 2)
+    assert [len(it.tokens) for it in ordered] == [100, 95, 90, 6, 5, 4]
+    assert mixed.micro_seq_lens == (90, 100, 95) and sorted_shape.micro_seq_lens == (100, 90, 5)
+    padded = lambda shape: sum(shape.rows * n for n in shape.micro_seq_lens)  # noqa: E731
+    assert padded(sorted_shape) < 0.7 * padded(mixed)
 
 
 def test_loss_mask_covers_exactly_the_response_targets():
