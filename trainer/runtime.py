@@ -27,6 +27,17 @@ from trainer.weight_sync.strategies import build_weight_sync
 log = logging.getLogger("slipstream")
 
 
+# Warnings the actors' libraries print at import on every CPU run, none of which a user can act on: no
+# TransformerEngine/Apex (CPU), SGLang's GPU-only quantization and Triton notices, torch deprecations inside
+# SGLang and Megatron. PYTHONWARNINGS reaches the actors and SGLang's scheduler processes (each message is matched
+# at its start); every other warning still shows.
+QUIET_WARNINGS = ",".join(f"ignore:{message}" for message in (
+    "Transformer Engine and Apex are not installed", "Apex is not installed",
+    "Only CUDA",  # ... HIP and XPU support AWQ / MUSA and NPU support GGUF (a comma would end the filter)
+    "Triton is not supported on current platform", "full scope is deprecated",
+    "`torch.jit.script_method` is deprecated", "`torch.distributed.reduce_op` is deprecated"))
+
+
 class Runtime:
     def __init__(self, cfg: RunConfig, rollout, trainer: TrainerGroup, wandb_run, eval_rows: list[PromptRow],
                  resume_from: tuple[Path, dict] | None, stop_token_ids: tuple[int, ...]):
@@ -61,7 +72,7 @@ class Runtime:
             needed = r.num_engines * r.engine_cpus + cfg.trainer.world_size * cfg.trainer.cpus_per_rank
             # Logical CPUs: actors mostly wait on each other, so we let them share the physical cores.
             ray.init(num_cpus=max(int(needed) + 1, os.cpu_count() or 1), include_dashboard=False,
-                     log_to_driver=True)
+                     log_to_driver=True, runtime_env={"env_vars": {"PYTHONWARNINGS": QUIET_WARNINGS}})
         if cfg.warmup.steps:  # supervised warm-up on demonstrations (cached): RL starts from its weights
             from trainer.warmup import warm_up
 

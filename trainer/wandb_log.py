@@ -26,9 +26,10 @@ def init_wandb(cfg: RunConfig, resume_id: str | None = None):
 
     wandb_dir = resolve_path(cfg.logging.dir)
     wandb_dir.mkdir(parents=True, exist_ok=True)
+    # quiet: no end-of-run history/summary dump (about 30 console lines); W&B still says where the run is.
     run = wandb.init(project=cfg.logging.project, name=cfg.logging.run_name, mode=cfg.logging.wandb_mode,
                      dir=str(wandb_dir), config=dataclasses.asdict(cfg), id=resume_id,
-                     resume="allow" if resume_id else None)
+                     resume="allow" if resume_id else None, settings=wandb.Settings(quiet=True))
     for axis in sorted(set(_AXES.values())):
         run.define_metric(axis)
     for prefix, axis in _AXES.items():
