@@ -63,7 +63,10 @@ def main() -> None:
         key = f"eval/{family}/hallucination_rate"
         if key in first and key in last:
             before, after = first[key], last[key]
-            print(f"  {family}: hallucination rate {before:.3f} -> {after:.3f}")
+            print(f"  {family}: hallucination rate {before:.3f} -> {after:.3f}, accuracy "
+                  f"{first[f'eval/{family}/accuracy']:.3f} -> {last[f'eval/{family}/accuracy']:.3f}, abstention "
+                  f"{first[f'eval/{family}/abstention_rate']:.3f} -> {last[f'eval/{family}/abstention_rate']:.3f} "
+                  "(a policy that abstains on everything has no hallucinations and no accuracy)")
             print(f"hallucination rate after/before: {after / before:.2f}x" if before else
                   "hallucination rate after/before: n/a (none before)")
 

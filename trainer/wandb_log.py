@@ -67,7 +67,9 @@ def log_step(run, cfg: RunConfig, batch: RolloutBatch, metrics: dict[str, float]
     every = cfg.logging.samples_interval
     if every and (batch.step % every == 0 or step == cfg.trainer.num_steps):
         table = wandb.Table(columns=TABLE_COLUMNS)
-        for s in samples[:cfg.logging.samples_per_table]:
+        # One sample of each group first, so every task family of the batch shows.
+        interleaved = [g[i] for i in range(max(map(len, batch.groups))) for g in batch.groups if i < len(g)]
+        for s in interleaved[:cfg.logging.samples_per_table]:
             table.add_data(step, s.metadata.get("task") or "", _prompt_text(s.prompt), s.response_text,
                            float(s.reward))
         record["rollout/samples"] = table

@@ -17,16 +17,18 @@ from rewards.tasks.registry import TaskFamily, register_task_family
 
 NAME = "coding_fn"
 # (operation, wording with {k}, expression with {k}, python function computing it, constants)
+# Wide ranges of constants: a policy can only solve the held-out pairs by copying the constant from the prompt,
+# not by recalling the constants it was shown.
 OPERATIONS = {
-    "add": ("x plus {k}", "x + {k}", lambda x, k: x + k, range(2, 30)),
-    "sub": ("x minus {k}", "x - {k}", lambda x, k: x - k, range(2, 30)),
-    "mul": ("x times {k}", "x * {k}", lambda x, k: x * k, range(2, 13)),
-    "floordiv": ("x divided by {k}, rounded down", "x // {k}", lambda x, k: x // k, range(2, 13)),
-    "mod": ("the remainder of x divided by {k}", "x % {k}", lambda x, k: x % k, range(2, 13)),
-    "gt": ("True when x is greater than {k}, else False", "x > {k}", lambda x, k: x > k, range(0, 20)),
-    "max": ("the larger of x and {k}", "max(x, {k})", lambda x, k: max(x, k), range(0, 20)),
-    "min": ("the smaller of x and {k}", "min(x, {k})", lambda x, k: min(x, k), range(0, 20)),
-    "square_add": ("x squared plus {k}", "x * x + {k}", lambda x, k: x * x + k, range(1, 20)),
+    "add": ("x plus {k}", "x + {k}", lambda x, k: x + k, range(1, 100)),
+    "sub": ("x minus {k}", "x - {k}", lambda x, k: x - k, range(1, 100)),
+    "mul": ("x times {k}", "x * {k}", lambda x, k: x * k, range(2, 31)),
+    "floordiv": ("x divided by {k}, rounded down", "x // {k}", lambda x, k: x // k, range(2, 31)),
+    "mod": ("the remainder of x divided by {k}", "x % {k}", lambda x, k: x % k, range(2, 31)),
+    "gt": ("True when x is greater than {k}, else False", "x > {k}", lambda x, k: x > k, range(0, 100)),
+    "max": ("the larger of x and {k}", "max(x, {k})", lambda x, k: max(x, k), range(0, 100)),
+    "min": ("the smaller of x and {k}", "min(x, {k})", lambda x, k: min(x, k), range(0, 100)),
+    "square_add": ("x squared plus {k}", "x * x + {k}", lambda x, k: x * x + k, range(1, 61)),
 }
 INPUTS = (-7, 0, 3, 11, 40)
 DEMONSTRATED_FRACTION = 0.5
