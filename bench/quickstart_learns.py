@@ -6,7 +6,8 @@ over before.
     python bench/quickstart_learns.py [--experiment task_mix] [--seed 0] [hydra overrides...]
 
 Lines printed for docs/benchmarks.md: `eval reward delta <family>: +N.NN` and `hallucination rate after/before:
-N.NNx`, plus the wall time, the warm-up's share, and the median step split. A fresh output directory is used per
+N.NNx`, plus the wall time, the warm-up's share, the median step split and `step time other/step: N.NNx`
+(the share of step time no named part explains; goal < 0.20). A fresh output directory is used per
 invocation; the warm-up cache (warmup.cache_dir) is shared, so pass --fresh-warmup to time a first run."""
 from __future__ import annotations
 
@@ -51,8 +52,11 @@ def main() -> None:
     steps = [r for r in records if "perf/step_time" in r]
     print(f"{len(steps)} RL steps, evaluations at steps {[r['step'] for r in evals]}, wall {wall:.0f}s "
           f"(warm-up {warmup_s:.0f}s{' from the cache' if warmup_s == 0 else ''})")
-    for part in ("rollout_time", "train_time", "update_weights_time", "step_time"):
-        print(f"  median perf/{part}: {statistics.median(r[f'perf/{part}'] for r in steps):.2f}s")
+    for part in ("generation", "scoring", "training", "weight_sync", "eval", "other", "step"):
+        print(f"  median perf/split/{part}: {statistics.median(r[f'perf/split/{part}'] for r in steps):.2f}s")
+    # Each step's interval (trainer/step_clock.py) against the whole run's: unexplained time over all steps.
+    other = sum(r["perf/split/other"] for r in steps) / sum(r["perf/split/step"] for r in steps)
+    print(f"step time other/step: {other:.2f}x")
     for family in families:
         key = f"eval/{family}/raw_reward"
         print(f"  {family}: eval reward {first[key]:+.3f} -> {last[key]:+.3f}")

@@ -116,6 +116,7 @@ class RolloutManager:
         self._threads: list[threading.Thread] = []
         self._paused_engines = False
         self._last_batch_t = time.monotonic()
+        self._generated_at: dict[int, float] = {}  # group id -> when its generation finished (queued for scoring)
         a = rollout.agent
         self.agents = AgentDriver(self.tokenizer, EnvSettings(a.step_timeout_s, a.episode_timeout_s, a.max_turns,
                                                               a.max_tokens, a.on_env_error), a.env_kwargs,
@@ -177,6 +178,12 @@ class RolloutManager:
             if self.loop_cfg.mode == "sync":
                 # Nothing more runs on these weights: stragglers resume under the next version (APRIL).
                 self.flow.paused = True
+            # Scoring on the critical path: from when the batch's last group finished generating (or when the
+            # wait began, if later) until the batch was complete; the rest of the wait was generation.
+            generated = max((self._generated_at.pop(g[0].group_id, t0) for g in batch), default=t0)
+            score_wait = max(0.0, time.monotonic() - max(t0, generated))
+            for gid in [gid for gid in self._generated_at if gid not in self.flow.groups]:  # dropped groups
+                del self._generated_at[gid]
             for g in batch:
                 self.pool.forget(g[0].group_id)
             metrics = self._batch_metrics(batch, step)
@@ -190,6 +197,7 @@ class RolloutManager:
         ages = token_ages([s for g in batch for s in g], step)
         metrics.update(staleness_metrics(ages))
         metrics["rollout/wait_time"] = time.monotonic() - t0
+        metrics["rollout/score_wait_time"] = min(score_wait, metrics["rollout/wait_time"])
         return RolloutBatch(step, batch, metrics, dict(ages))
 
     def pause_for_weights(self) -> None:
@@ -287,7 +295,7 @@ class RolloutManager:
         self.flow.load_state_dict(state["flow"])
         for gid, group in self.flow.groups.items():  # finished before the checkpoint but not scored yet
             if gid not in self.flow.ready and all(s.finished for s in group):
-                self._to_score.put(gid)
+                self._queue_for_scoring(gid)
 
     def metrics(self) -> dict[str, float]:
         with self._cond:
@@ -327,7 +335,7 @@ class RolloutManager:
                 for res in results:
                     gid = self.flow.on_result(res)
                     if gid is not None:
-                        self._to_score.put(gid)
+                        self._queue_for_scoring(gid)
                 env_work = self.flow.take_env_work()
                 if results:
                     self._cond.notify_all()
@@ -339,13 +347,18 @@ class RolloutManager:
             gid = self.flow.on_env(sample, answer.observation_ids, answer.done, answer.prompt_ids,
                                    answer.tokens_left)
             if gid is not None:
-                self._to_score.put(gid)
+                self._queue_for_scoring(gid)
             self._cond.notify_all()
 
     def _set_error(self, exc: BaseException) -> None:
         with self._cond:
             self._error = exc
             self._cond.notify_all()
+
+    def _queue_for_scoring(self, gid: int) -> None:
+        """Group `gid` has finished generating (called under self._cond, or before start())."""
+        self._generated_at[gid] = time.monotonic()
+        self._to_score.put(gid)
 
     def _score_loop(self) -> None:
         while True:
@@ -361,6 +374,7 @@ class RolloutManager:
                     with self._cond:
                         if gid in self.flow.groups:
                             if not self.flow.on_scored(gid, scores):
+                                self._generated_at.pop(gid, None)
                                 self.pool.forget(gid)
                                 self.agents.forget([s.key for s in group])
                             self._cond.notify_all()

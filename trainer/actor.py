@@ -9,6 +9,7 @@ import dataclasses
 import functools
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from trainer.losses import ppo_clip_loss, truncated_is_weights
 class TrainRank:
     def __init__(self, rank: int, world_size: int, master_port: int, checkpoint_dir: str, cfg: dict[str, Any]):
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        self._compute_s = 0.0  # time in forward/backward/optimizer since train_step last reported it
         self.rank, self.world_size, self.cfg = rank, world_size, cfg
         tp = cfg["tensor_parallel"]
         self.layout = ParallelLayout(tensor_parallel=tp, expert_parallel=cfg["expert_parallel"],
@@ -125,7 +127,9 @@ class TrainRank:
             rows = [logprobs[i, it.prompt_len - 1:len(it.tokens) - 1].tolist() for i, it in enumerate(chunk)]
             return logprobs.sum() * 0.0, rows
 
+        t0 = time.perf_counter()
         per_micro = self._run_schedule(items, shape, loss_fn, forward_only=True)
+        self._compute_s += time.perf_counter() - t0
         return [row for rows in per_micro for row in rows] if self.last_stage else None
 
     def train_step(self, items: list[TrainItem], shape: BatchShape, global_tokens: int,
@@ -142,6 +146,7 @@ class TrainRank:
         Metrics split tokens by version: those the current policy generated (`train_version`) and stale ones."""
         from megatron.core.distributed import finalize_model_grads
 
+        t0 = time.perf_counter()
         self.model.train()
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -176,6 +181,9 @@ class TrainRank:
             raise RuntimeError(f"rank {self.rank}: optimizer step failed (non-finite gradients?)")
         sums = {k: sum(m[k] for m in per_micro) for k in per_micro[0]} if self.last_stage else {}
         sums["grad_norm"] = float(grad_norm)
+        # The rank's own compute (this step and logprob passes since the last one): the driver's step-time split
+        # tells it apart from the Ray calls and serialization around it.
+        sums["compute_s"], self._compute_s = self._compute_s + time.perf_counter() - t0, 0.0
         return sums
 
     def sft_step(self, items: list[TrainItem], shape: BatchShape, global_tokens: int) -> dict[str, float]:

@@ -72,12 +72,13 @@ class TrainerGroup:
             prox = self.compute_logprobs(items)
             items = [dataclasses.replace(it, prox_logprobs=p) for it, p in zip(items, prox)]
         bounds = [round(i * len(items) / num_mini) for i in range(num_mini + 1)]
-        steps = []
+        steps, compute_s = [], 0.0
         for lo, hi in zip(bounds, bounds[1:]):
             chunk = items[lo:hi]
             global_tokens = sum(_loss_tokens(it) for it in chunk)
             per_rank = self._call("train_step", [chunk[i] for i in longest_first(chunk)], global_tokens,
                                   train_version)
+            compute_s += max(r.pop("compute_s") for r in per_rank)  # the slowest rank bounds the step
             # Loss statistics exist on the last pipeline stage; tensor-parallel twins report the same numbers.
             reporting = [r for r, info in zip(per_rank, self.info) if info["last_stage"] and info["tp_rank"] == 0]
             steps.append(({k: sum(r[k] for r in reporting) for k in reporting[0] if k != "grad_norm"},
@@ -100,6 +101,7 @@ class TrainerGroup:
             "train/masked_tokens": total["response_tokens"] - total["tokens"],
             "train/stale_token_frac": stale / response,
             "train/optimizer_steps": float(len(steps)),
+            "perf/train_compute_time": compute_s,
         }
         if self.cfg.tis_clip or self.cfg.decoupled_ppo:
             metrics.update({"train/tis_weight_mean": total["tis_weight"] / tokens,

@@ -18,9 +18,11 @@ from rollout.generation import SamplingSettings
 from rollout.manager import EngineSpec, EnginesJoining, RolloutBatch, RolloutManagerActor
 from trainer.batching import train_items
 from trainer.config import ConfigError, RunConfig, resolve_path
+from trainer.console import RunConsole
 from trainer.group import TrainerGroup
 from trainer.advantages import batch_advantages
 from trainer.run_checkpoint import check_resumable, latest_checkpoint, read_run_state, save_checkpoint
+from trainer.step_clock import StartupClock, StepClock, split_summary
 from trainer.wandb_log import init_wandb, log_step, log_warmup
 from trainer.weight_sync.strategies import build_weight_sync
 
@@ -40,7 +42,7 @@ QUIET_WARNINGS = ",".join(f"ignore:{message}" for message in (
 
 class Runtime:
     def __init__(self, cfg: RunConfig, rollout, trainer: TrainerGroup, wandb_run, eval_rows: list[PromptRow],
-                 resume_from: tuple[Path, dict] | None, stop_token_ids: tuple[int, ...]):
+                 resume_from: tuple[Path, dict] | None, stop_token_ids: tuple[int, ...], startup: StartupClock):
         self.cfg, self.rollout, self.trainer, self.wandb_run = cfg, rollout, trainer, wandb_run
         self.eval_rows = _each_task_in_turn(eval_rows)[:cfg.eval.max_prompts]
         self.resume_from, self.stop_token_ids = resume_from, stop_token_ids
@@ -48,6 +50,9 @@ class Runtime:
         self.engines = ray.get(rollout.engine_handles.remote())
         self.weight_sync = self._build_weight_sync(self.engines)
         self.trace = self.output_dir / "trace" / "batches.jsonl"  # which prompts each step trained
+        self.clock = StepClock()  # each step's time split (trainer/step_clock.py)
+        self.console: RunConsole | None = None  # progress bars and step lines, from resume() on
+        self.startup: StartupClock | None = startup  # logged with the first step, then dropped
 
     @classmethod
     def start(cls, cfg: RunConfig, manager_actor=RolloutManagerActor) -> "Runtime":
@@ -57,6 +62,7 @@ class Runtime:
 
         from glm5_model.tokenizer.build import stop_token_ids
 
+        startup = StartupClock()  # measured in bench/startup.py
         checkpoint = ensure_checkpoint(cfg.model.preset, resolve_path(cfg.model.checkpoint_dir), cfg.model.init_seed)
         tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
         data = load_data(cfg.data, tokenizer)  # the validation pass: strict mode stops here, before Ray starts
@@ -67,16 +73,19 @@ class Runtime:
         saved = read_run_state(resume_from) if resume_from else None
         if saved is not None:
             check_resumable(resume_from, saved, cfg.rollout)
+        startup.mark("checks")  # the initial checkpoint, tokenizer, data, the run checkpoint to resume
         if not ray.is_initialized():
             r = cfg.rollout
             needed = r.num_engines * r.engine_cpus + cfg.trainer.world_size * cfg.trainer.cpus_per_rank
             # Logical CPUs: actors mostly wait on each other, so we let them share the physical cores.
             ray.init(num_cpus=max(int(needed) + 1, os.cpu_count() or 1), include_dashboard=False,
                      log_to_driver=True, runtime_env={"env_vars": {"PYTHONWARNINGS": QUIET_WARNINGS}})
+        startup.mark("ray")
         if cfg.warmup.steps:  # supervised warm-up on demonstrations (cached): RL starts from its weights
             from trainer.warmup import warm_up
 
             checkpoint = warm_up(cfg, checkpoint, data.train, tokenizer)
+            startup.mark("warmup")
         r, term_cfg = cfg.rollout, cfg.reward
         engines = EngineSpec(str(checkpoint), r.num_engines, cfg.model.dtype, r.max_total_tokens, cfg.trainer.seed,
                              r.engine_start_timeout_s, r.engine_cpus)
@@ -87,12 +96,15 @@ class Runtime:
             task_rewards=_task_rewards(cfg))
         trainer = TrainerGroup(cfg.trainer, str(checkpoint), layer_spec=cfg.model.layer_spec,
                                temperature=r.temperature)
+        startup.mark("trainer_ranks")  # the engines start meanwhile (the manager starts them)
         ray.get(rollout.ready.remote())  # engines are up
+        startup.mark("engines")  # what is left of their start once the ranks are up
         wandb_run = init_wandb(cfg, resume_id=saved.get("wandb_run_id") if saved else None)
         if wandb_run is not None and cfg.warmup.steps and saved is None:
             log_warmup(wandb_run, checkpoint)
+        startup.mark("wandb")
         return cls(cfg, rollout, trainer, wandb_run, data.eval, (resume_from, saved) if saved else None,
-                   tuple(stop_token_ids(tokenizer)))
+                   tuple(stop_token_ids(tokenizer)), startup)
 
     def resume(self) -> int:
         """Restores the newest run checkpoint, if resuming (trainer state, the rollout manager's prompts, groups
@@ -109,30 +121,49 @@ class Runtime:
             ray.get(self.rollout.on_weights.remote(state["weight_version"]))
             start = state["next_step"]
             self._truncate_trace(start)
-            print(f"resumed from {path} at step {start + 1}", flush=True)
+        self.console = RunConsole(self.cfg.trainer.num_steps, first_step=start).__enter__()
+        if self.resume_from is not None:
+            self.console.print(f"resumed from {self.resume_from[0]} at step {start + 1}")
         elif self.cfg.eval.at_start and self.cfg.eval.interval:
             metrics = self._run_eval()
-            print(f"start{_eval_summary(metrics)}{_task_summary(metrics, 'eval')}", flush=True)
+            self.console.print(f"start{_eval_summary(metrics)}{_task_summary(metrics, 'eval')}")
             self._record({"step": 0, **metrics})
             if self.wandb_run is not None:
                 self.wandb_run.log({**metrics, "eval/step": 0})
         ray.get(self.rollout.start.remote())
+        self.startup.mark("resume")  # a run checkpoint restored and pushed, the evaluation before RL, if any
         return start
 
     def next_batch(self, step: int) -> RolloutBatch:
         """The batch of `step`. While the engine pool holds replacements for failed engines, they first get the
         trainer's current weights (policy version `step`) and join."""
+        self.clock.start()
         while True:
-            out = ray.get(self.rollout.next_batch.remote(step))
+            with self.console.stage("rollout", total=self.cfg.rollout.prompts_per_step):
+                out = self._wait_with_progress(self.rollout.next_batch.remote(step))
             if not isinstance(out, EnginesJoining):
+                score = out.metrics["rollout/score_wait_time"]
+                self.clock.add("generation", out.metrics["rollout/wait_time"] - score)
+                self.clock.add("scoring", score)
                 return out
+            t0 = time.perf_counter()
             sync = self._build_weight_sync(out.handles)
             try:
                 sync.push(step)
             finally:
                 sync.close()
+            self.clock.add("weight_sync", time.perf_counter() - t0)
             ray.get(self.rollout.on_engines_joined.remote(out.handles))
             log.info("%d replacement engine(s) joined at version %d", len(out.handles), step)
+
+    def _wait_with_progress(self, ref):
+        """ray.get(ref); on a terminal, the rollout bar follows the groups ready for the batch meanwhile."""
+        if not self.console.live:
+            return ray.get(ref)
+        while not ray.wait([ref], timeout=0.25)[0]:
+            flow = ray.get(self.rollout.metrics.remote())
+            self.console.update(int(min(flow["rollout/flow/ready_groups"], self.cfg.rollout.prompts_per_step)))
+        return ray.get(ref)
 
     def _build_weight_sync(self, engines: list):
         return build_weight_sync(self.cfg.trainer, self.trainer, engines, engine_dtype=self.cfg.model.dtype,
@@ -157,7 +188,9 @@ class Runtime:
         advantages = batch_advantages(samples, self.cfg.rollout.samples_per_prompt, t.turn_advantage,
                                       t.advantage_eps)
         items = train_items(samples, advantages, batch.step, self._max_token_age())
-        metrics = self.trainer.train_step(items, train_version=batch.step)
+        with self.console.stage("train"):
+            metrics = self.trainer.train_step(items, train_version=batch.step)
+        self.clock.add("training", metrics["perf/train_compute_time"])
         self._trace(batch)
         flat = [abs(a) for adv in advantages for a in (adv if isinstance(adv, list) else [adv])]
         return {**batch.metrics, **metrics, "train/advantage_abs_mean": sum(flat) / max(len(flat), 1)}
@@ -174,13 +207,19 @@ class Runtime:
         version = step + 1
         if version % self.cfg.loop.sync_interval and version != self.cfg.trainer.num_steps:
             return {}
-        ray.get(self.rollout.pause_for_weights.remote())
+        t0 = time.perf_counter()
+        with self.console.stage("drain"):
+            ray.get(self.rollout.pause_for_weights.remote())  # sync/one_step_off: in-flight generation finishes
+        t1 = time.perf_counter()
+        self.clock.add("generation", t1 - t0)
         self._refresh_engines()
-        try:
-            metrics = self.weight_sync.push(version)  # trainer/weight_sync: bucketed, from the owning ranks
-        except ray.exceptions.RayActorError:  # an engine died under the push: once the pool replaced it, again
-            self._wait_for_engine_change()
-            metrics = self.weight_sync.push(version)
+        with self.console.stage("sync"):
+            try:
+                metrics = self.weight_sync.push(version)  # trainer/weight_sync: bucketed, from the owning ranks
+            except ray.exceptions.RayActorError:  # an engine died under the push: once the pool replaced it
+                self._wait_for_engine_change()
+                metrics = self.weight_sync.push(version)
+        self.clock.add("weight_sync", time.perf_counter() - t1)
         ray.get(self.rollout.on_weights.remote(version))
         return {**metrics, "perf/weight_version": float(version)}
 
@@ -199,7 +238,11 @@ class Runtime:
         after the last one ({} otherwise)."""
         if not self._due(self.cfg.eval.interval, step):
             return {}
-        return self._run_eval()
+        t0 = time.perf_counter()
+        with self.console.stage("eval"):
+            metrics = self._run_eval()
+        self.clock.add("eval", time.perf_counter() - t0)
+        return metrics
 
     def _run_eval(self) -> dict[str, float]:
         e = self.cfg.eval
@@ -247,17 +290,20 @@ class Runtime:
     def log(self, batch: RolloutBatch, metrics: dict[str, float]) -> None:
         """The step line on the console, the step's metrics in <output_dir>/metrics.jsonl, and W&B."""
         step = batch.step
+        metrics.update(self.clock.close())
+        if self.startup is not None:
+            metrics.update(self.startup.metrics())
+            self.startup = None
         m = metrics
         self._record({"step": step + 1, **m})
-        print(f"step {step + 1}/{self.cfg.trainer.num_steps} reward {m['rollout/raw_reward']:.4f} "
+        self.console.print(f"step {step + 1}/{self.cfg.trainer.num_steps} reward {m['rollout/raw_reward']:.4f} "
               f"pg_loss {m['train/pg_loss']:+.4f} grad_norm {m['train/grad_norm']:.3f} "
               f"resp_len {m['rollout/response_len/mean']:.1f} "
               f"|train-rollout logp| {m['train/train_rollout_logprob_abs_diff_current']:.2e} "
               f"stale {m['rollout/staleness/max']:.0f} "
-              f"wait {m['perf/rollout_time']:.1f}s train {m['perf/train_time']:.1f}s "
-              f"sync {m['perf/update_weights_time']:.1f}s{_partial_summary(m)}{_agent_summary(m)}{_eval_summary(m)}"
-              f"{_task_summary(m, 'eval')}",
-              flush=True)
+              f"{split_summary(m)}{_partial_summary(m)}{_agent_summary(m)}{_eval_summary(m)}"
+              f"{_task_summary(m, 'eval')}")
+        self.console.step_done()
         if self.wandb_run is not None:
             # The advantages again (cheap: a few numbers per sample) for their histogram, rather than keeping them
             # on the side between train() and log().
@@ -271,6 +317,8 @@ class Runtime:
         log.info("final HF checkpoint: %s", path)
 
     def shutdown(self) -> None:
+        if self.console is not None:
+            self.console.__exit__(None, None, None)
         try:
             self.weight_sync.close()
             self.trainer.shutdown()

@@ -1,8 +1,11 @@
 """The README's quickstart command, end to end in a subprocess (real Ray, SGLang, Megatron, W&B offline)."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+
+import pytest
 
 from trainer.config import REPO_ROOT
 
@@ -25,6 +28,24 @@ def test_quickstart_runs_and_logs(tmp_path):
     steps = [line for line in proc.stdout.splitlines() if line.startswith("step ")]
     assert [s.split()[1] for s in steps] == ["1/2", "2/2"], proc.stdout[-3000:]
     assert "eval reward" not in steps[0] and steps[1].endswith("(3 prompts)"), steps
+    assert all(" other " in s and "gen " in s for s in steps), steps  # the step-time split (trainer/step_clock.py)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    for r in records:
+        parts = sum(r[f"perf/split/{p}"] for p in ("generation", "scoring", "training", "weight_sync", "eval"))
+        assert parts + r["perf/split/other"] == pytest.approx(r["perf/split/step"], rel=1e-6), r
+        assert r["perf/split/generation"] > 0 and r["perf/split/training"] > 0 and r["perf/split/weight_sync"] > 0
+        # Sync mode: the loop waits for the whole batch, so the wait is all generation and scoring (plus the
+        # pause before the push, with nothing in flight to drain: milliseconds).
+        waited = r["perf/split/generation"] + r["perf/split/scoring"]
+        assert r["rollout/wait_time"] <= waited <= r["rollout/wait_time"] + 0.05, r
+        assert r["perf/split/training"] <= r["perf/train_time"]  # the ranks' compute, inside the Ray call
+    assert records[1]["perf/split/eval"] > 0 and records[0]["perf/split/eval"] == 0
+    # Start-up (bench/startup.py), once, with the first step: its phases tile process start to the first step.
+    startup = {k: v for k, v in records[0].items() if k.startswith("perf/startup/")}
+    assert {"perf/startup/launch", "perf/startup/ray", "perf/startup/engines"} <= set(startup), records[0]
+    assert sum(startup.values()) == pytest.approx(records[0]["perf/startup_time"], rel=1e-6)
+    assert "perf/startup_time" not in records[1]
     assert (out / "final" / "model.safetensors").is_file()
     assert (out / "final" / "config.json").is_file()
     runs = list((tmp_path / "wandb").glob("wandb/offline-run-*/run-*.wandb"))
