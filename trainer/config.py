@@ -215,6 +215,7 @@ def validate(cfg: RunConfig) -> RunConfig:
                                      "trainer.pipeline_last_stage_layers"))
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
+    _check_checkpoint_source(cfg.model, PRESETS[cfg.model.preset])
     num_experts = PRESETS[cfg.model.preset]["n_routed_experts"]
     _check(num_experts % t.expert_parallel == 0, "trainer.expert_parallel",
            f"must divide the model's {num_experts} experts, got {t.expert_parallel}")
@@ -237,6 +238,22 @@ def validate(cfg: RunConfig) -> RunConfig:
     except ValueError as exc:
         raise ConfigError(f"reward.{exc}") from exc
     return cfg
+
+
+# Above this many parameters a missing checkpoint is a mistake (a wrong path), not a request for random weights.
+RANDOM_INIT_MAX_PARAMS = 2_000_000_000
+
+
+def _check_checkpoint_source(model: ModelConfig, hf_config: dict) -> None:
+    from glm5_model.param_count import count_params
+
+    if (resolve_path(model.checkpoint_dir) / "config.json").is_file():
+        return
+    total = count_params(hf_config).total
+    _check(total <= RANDOM_INIT_MAX_PARAMS, "model.checkpoint_dir",
+           f"no checkpoint at {model.checkpoint_dir} (no config.json); {model.preset} has {total / 1e9:.0f}B "
+           f"parameters, too many to initialise at random: convert the published weights (python -m "
+           f"glm5_model.convert) and point model.checkpoint_dir at them")
 
 
 def parse_config(data: dict) -> RunConfig:
