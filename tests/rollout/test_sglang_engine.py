@@ -3,6 +3,7 @@ score(), weight updates, streaming submit/collect, abort, pause in place / retra
 versions), and the Ray actor. One in-process engine is shared by the module (each start costs ~20-30 s)."""
 from __future__ import annotations
 
+import asyncio
 import shutil
 import time
 
@@ -227,6 +228,42 @@ def test_pause_update_resume_tags_tokens_by_version(engine, tiny_checkpoint, mod
         print(f"\nretract: {old} old-version tokens; new-version logprobs vs score: mean {diff.mean():.2e}")
         assert diff.mean() <= LOGPROB_MEAN_TOL
     engine.update_weights_from_disk(str(tiny_checkpoint), version=before + 2)
+
+
+def test_health_check_held_up_by_a_pause_is_not_a_failure(engine, monkeypatch):
+    """The manager pauses every engine for a weight push; a pause that lands after the check's paused test but
+    before its one-token request finishes must not fail the engine (under CI load both engines of the pool were
+    replaced this way). A check with no pause still fails an engine that does not answer."""
+    import threading
+
+    real_submit = engine._loop.submit
+
+    def pause_first(coro):  # the pause lands between health()'s paused test and its request
+        monkeypatch.undo()  # pause() itself submits through the loop
+        engine.pause("in_place")
+        threading.Timer(2.5, engine.resume).start()
+        return real_submit(coro)
+
+    monkeypatch.setattr(engine._loop, "submit", pause_first)
+    report = engine.health(timeout_s=1.0)
+    monkeypatch.undo()
+    assert report.ok, report.reason
+    assert "inconclusive" in report.reason
+    deadline = time.monotonic() + 10
+    while engine._paused and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.health(timeout_s=10.0).ok  # resumed: a clean check passes again
+
+    def never_answers(coro):  # a scheduler that takes the request and never finishes it, with no pause about
+        monkeypatch.undo()
+        coro.close()
+        return real_submit(asyncio.sleep(5.0))
+
+    monkeypatch.setattr(engine._loop, "submit", never_answers)
+    report = engine.health(timeout_s=1.0)
+    monkeypatch.undo()
+    assert not report.ok and "did not finish" in report.reason
+
 
 
 def test_engine_in_ray_actor(ray_session, tiny_checkpoint):
