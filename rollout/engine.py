@@ -28,8 +28,8 @@ import ray
 import torch
 
 from rollout.protocol import EngineHealth, EngineRequest, EngineResult, versions_from_spans
-from rollout.sglang_process import (EngineStartError, kill_process_trees, kills_only,  # noqa: F401 (re-export)
-                                    process_problem, start_engine)
+from rollout.sglang_process import (EngineStartError, cpu_seconds, kill_process_trees,  # noqa: F401 (re-export)
+                                    kills_only, process_problem, start_engine)
 from rollout.weight_protocol import BucketLayout, verify_check
 from rollout.weight_receiver import READBACK_PREFIX, VERIFIED_MARKER
 
@@ -43,6 +43,9 @@ if not torch.cuda.is_available():
 
 ENGINE_START_TIMEOUT_S = float(os.environ.get("SLIPSTREAM_ENGINE_START_TIMEOUT_S", "300"))
 _FLUSH_RETRIES = 10
+# A health check's request that times out while the engine's processes used at least this share of the wait in CPU
+# time is queued behind work, not hung (see health()).
+_BUSY_CPU_FRACTION = 0.1
 
 if not torch.cuda.is_available():
     # Bucketed weight pushes hand CPU tensors between unrelated processes (a trainer rank, this engine, SGLang's
@@ -395,28 +398,45 @@ class SGLangEngine:
 
         A pause or weight update that lands while the request waits holds it up legitimately (the manager pauses
         every engine for a weight push, which takes longer than a check on a loaded CPU): such a check is
-        inconclusive and passes; the next one decides. A stopped or dead scheduler is caught by the process check."""
+        inconclusive and passes; the next one decides. So is one whose engine kept working (used CPU) while the
+        request waited: slow is not hung. A stopped or dead scheduler is caught by the process check."""
         problem = process_problem(self._engine_pids)
         if problem:
             return EngineHealth(False, problem, len(self._inflight), self._version)
         if self._paused:
             return EngineHealth(True, f"paused ({self._paused})", len(self._inflight), self._version)
-        rid, ops = f"health/{time.monotonic_ns()}", self._control_ops
+        rid, ops, cpu0 = f"health/{time.monotonic_ns()}", self._control_ops, cpu_seconds(self._engine_pids)
         future = self._loop.submit(self._engine.async_generate(input_ids=[1, 2], sampling_params={
             "max_new_tokens": 1, "temperature": 0.0}, rid=rid))
         try:
             future.result(timeout=timeout_s)
         except concurrent.futures.TimeoutError:
-            if self._paused or self._control_ops != ops or self._lock.locked():
-                # Not aborted: an abort that reaches a scheduler paused in place leaves it serving nothing after
-                # resume (found by test_health_check_held_up_by_a_pause_is_not_a_failure); the one token
-                # finishes once the engine resumes.
-                return EngineHealth(True, "inconclusive: a pause or weight update held the check up",
-                                    len(self._inflight), self._version)
-            self.abort(rid)
-            return EngineHealth(False, f"a one-token request did not finish within {timeout_s:.0f}s",
-                                len(self._inflight), self._version)
+            # Holding the control lock while deciding keeps a pause from landing between the test and the abort.
+            # Not aborted when held up: an abort that reaches a scheduler paused in place leaves it serving nothing
+            # after resume (found by test_health_check_held_up_by_a_pause_is_not_a_failure); the one token
+            # finishes once the engine resumes.
+            if not self._lock.acquire(blocking=False):
+                return self._inconclusive()
+            try:
+                if self._paused or self._control_ops != ops:
+                    return self._inconclusive()
+                # On an oversubscribed CPU (an engine starting beside this one, trainer ranks) a working scheduler
+                # can leave the request queued past the timeout; a hung one (deadlocked, waiting on a dead peer)
+                # uses next to no CPU. The request is left to finish.
+                busy = cpu_seconds(self._engine_pids) - cpu0
+                if busy >= _BUSY_CPU_FRACTION * timeout_s:
+                    return EngineHealth(True, f"slow: a one-token request took over {timeout_s:.0f}s while the "
+                                        f"engine used {busy:.1f}s of CPU", len(self._inflight), self._version)
+                self.abort(rid)
+            finally:
+                self._lock.release()
+            return EngineHealth(False, f"a one-token request did not finish within {timeout_s:.0f}s and the "
+                                f"engine used {busy:.2f}s of CPU meanwhile", len(self._inflight), self._version)
         return EngineHealth(True, "", len(self._inflight), self._version)
+
+    def _inconclusive(self) -> EngineHealth:
+        return EngineHealth(True, "inconclusive: a pause or weight update held the check up", len(self._inflight),
+                            self._version)
 
     @contextlib.contextmanager
     def _control(self):

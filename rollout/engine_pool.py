@@ -63,8 +63,8 @@ class EnginePool:
         self._affinity: dict[object, int] = {}
         self._pending: list[tuple[object, EngineRequest]] = []  # no engine serves right now
         self._orphans: list[EngineResult] = []  # held requests aborted before reaching an engine
-        self._paused: str | None = None
         self._started = len(handles)
+        self._closed = False  # shut down: a failure seen by a late health check starts no replacement
         self.counters = {"engine_restarts": 0, "requeued_requests": 0, "engine_failures": 0}
         self._degraded_s, self._degraded_since = 0.0, None
 
@@ -148,13 +148,11 @@ class EnginePool:
 
     def pause(self, mode: str) -> None:
         with self._lock:
-            self._paused = mode
             slots = [s for s in self.slots if s.state == "active"]
         self._each(slots, "pause", mode)
 
     def resume(self) -> None:
         with self._lock:
-            self._paused = None
             slots = [s for s in self.slots if s.state == "active"]
         self._each(slots, "resume")
 
@@ -197,6 +195,7 @@ class EnginePool:
 
     def shutdown(self) -> None:
         with self._lock:
+            self._closed = True
             slots = [s for s in self.slots if s.state != "dead"]
         for s in slots:
             try:
@@ -251,10 +250,8 @@ class EnginePool:
         now = time.monotonic()
         failed = []
         with self._lock:
-            if self._paused:  # a paused engine runs nothing, so a probe would wait for the resume
-                for s in self.slots:
-                    s.health_ref = None
-                return
+            # Checks go on while the pool is paused for a weight push: an engine whose scheduler stops or dies then
+            # would otherwise hold the push forever (the engine's check skips its request while paused).
             for s in self.slots:
                 if s.state != "active":
                     continue
@@ -317,7 +314,8 @@ class EnginePool:
                 self._affinity.pop(key, None)
             self.counters["requeued_requests"] += len(requeue)
             per_slot = self._route(requeue)
-            replace = self.factory is not None and self.counters["engine_restarts"] < self.settings.max_restarts
+            replace = (self.factory is not None and not self._closed
+                       and self.counters["engine_restarts"] < self.settings.max_restarts)
             if replace:
                 self.counters["engine_restarts"] += 1
                 handle = self.factory(self._started)

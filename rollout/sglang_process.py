@@ -147,6 +147,18 @@ def process_problem(pids: set[int]) -> str | None:
     return None
 
 
+def cpu_seconds(pids: set[int]) -> float:
+    """CPU time (user + system) these processes have used so far; a gone one counts 0."""
+    total = 0.0
+    for pid in pids:
+        try:
+            t = psutil.Process(pid).cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += t.user + t.system
+    return total
+
+
 def kill_process_trees(pids: set[int]) -> None:
     """SIGKILLs these processes and all their descendants, and reaps them."""
     victims = []

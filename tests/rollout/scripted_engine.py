@@ -112,6 +112,8 @@ class ScriptedEngine:
             self.paused = None
 
     def update_weights_from_tensors(self, named, version: int) -> None:
+        if self.hung:  # like a stopped scheduler: the update never comes back
+            time.sleep(3600)
         self.version = int(version)
 
     def weight_version(self) -> int:

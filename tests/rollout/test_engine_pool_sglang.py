@@ -3,6 +3,7 @@ the other's. Each time the rollout completes with every sample exactly once, the
 elsewhere, and a replacement starts, gets the current weights and version, and serves."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -25,13 +26,15 @@ def _scheduler_pid(ray, handle) -> int:
     raise AssertionError("no sglang::scheduler among the engine's processes")
 
 
-def _strike_mid_rollout(ray, handle, sig) -> None:
+def _strike_mid_rollout(ray, handle, sig) -> int:
     deadline = time.monotonic() + 120
     while not ray.get(handle.in_flight.remote()):
         assert time.monotonic() < deadline, "the engine never got work"
         time.sleep(0.01)
     time.sleep(0.3)
-    os.kill(_scheduler_pid(ray, handle), sig)
+    pid = _scheduler_pid(ray, handle)
+    os.kill(pid, sig)
+    return pid
 
 
 def _push(ray, m, checkpoint, version: int) -> None:
@@ -39,10 +42,13 @@ def _push(ray, m, checkpoint, version: int) -> None:
     it, push to the engines it now has."""
     for _attempt in range(60):
         try:
-            ray.get([e.update_weights_from_disk.remote(str(checkpoint), version) for e in m.engine_handles()])
+            ray.get([e.update_weights_from_disk.remote(str(checkpoint), version) for e in m.engine_handles()],
+                    timeout=300)
             return
         except ray.exceptions.RayActorError:
             time.sleep(1.0)
+        except ray.exceptions.GetTimeoutError:
+            raise AssertionError("a weight push waited 300s on an engine the pool did not fail") from None
     raise AssertionError("the pool never replaced the engine that died under the push")
 
 
@@ -58,32 +64,39 @@ def test_scheduler_killed_then_another_stopped(ray_session, tiny_checkpoint):
     first = list(m.engine_handles())
     faults = {1: (first[0], signal.SIGKILL), 3: (first[1], signal.SIGSTOP)}
     m.start()
-    batches, joined_versions, detected_after = [], [], {}
+    batches, joined_versions, struck_pids = [], [], []
+
+    def join(handles, version):
+        ray.get([e.update_weights_from_disk.remote(str(tiny_checkpoint), version) for e in handles])
+        m.on_engines_joined(handles)
+        joined_versions.extend(ray.get([e.weight_version.remote() for e in handles]))
     try:
         for step in range(6):
-            struck = None
             if step in faults:
                 victim, sig = faults[step]
-                _strike_mid_rollout(ray, victim, sig)
-                struck = time.monotonic()
-            while True:
-                out = m.next_batch(step)
-                if not isinstance(out, EnginesJoining):
-                    break
-                ray.get([e.update_weights_from_disk.remote(str(tiny_checkpoint), step) for e in out.handles])
-                m.on_engines_joined(out.handles)
-                joined_versions += ray.get([e.weight_version.remote() for e in out.handles])
-            if struck is not None:
-                detected_after[step] = m.pool_metrics()["rollout/pool/engine_failures"]
+                struck_pids.append(_strike_mid_rollout(ray, victim, sig))
+            while isinstance(out := m.next_batch(step), EnginesJoining):
+                join(out.handles, step)
             batches.append(out)
             m.pause_for_weights()
             _push(ray, m, tiny_checkpoint, step + 1)
             m.on_weights(step + 1)
+        # The last steps can outrun the second replacement's start (one engine serves them): it joins as the
+        # next batch would bring it in.
+        deadline = time.monotonic() + 300
+        while len(m.engine_handles()) < 2:  # serving or joining
+            assert time.monotonic() < deadline, "the second replacement never started"
+            time.sleep(0.5)
+        if m.pool.joining():
+            join(m.pool.joining(), 6)
         pool = m.pool_metrics()
         final = m.engine_handles()
         versions = ray.get([e.weight_version.remote() for e in final])
     finally:
         m.shutdown()
+        for pid in struck_pids:  # a stopped scheduler the pool did not kill would outlive the test
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
     keys = [(s.group_id, s.index_in_group) for b in batches for s in b.samples]
     assert len(keys) == 6 * 4 and len(set(keys)) == len(keys), "a sample was lost or trained twice"
     assert [g[0].group_id for b in batches for g in b.groups] == list(range(12))

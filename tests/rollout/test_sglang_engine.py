@@ -264,6 +264,17 @@ def test_health_check_held_up_by_a_pause_is_not_a_failure(engine, monkeypatch):
     monkeypatch.undo()
     assert not report.ok and "did not finish" in report.reason
 
+    # The same unanswered request while the scheduler works through other requests (CPU taken by an engine
+    # starting beside it held a real check past its timeout this way): slow, not hung.
+    engine.submit(_requests(_prompts(4, seed=11), max_new_tokens=2000, stop_token_ids=[], ignore_eos=True))
+    try:
+        monkeypatch.setattr(engine._loop, "submit", never_answers)
+        report = engine.health(timeout_s=2.0)
+        monkeypatch.undo()
+        assert report.ok and report.reason.startswith("slow"), report.reason
+    finally:
+        engine.abort_all()
+        engine.collect(timeout_s=0.0)
 
 
 def test_engine_in_ray_actor(ray_session, tiny_checkpoint):
