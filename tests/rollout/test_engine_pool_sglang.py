@@ -56,7 +56,7 @@ def test_scheduler_killed_then_another_stopped(ray_session, tiny_checkpoint):
     ray = ray_session
     r = RolloutConfig(prompts_per_step=2, samples_per_prompt=2, max_new_tokens=160, num_engines=2,
                       health_interval_s=1.0, health_timeout_s=30.0)
-    loop = LoopConfig(mode="async")
+    loop = LoopConfig(mode="async", batch_timeout_s=300.0)  # a stuck step fails with a message, not a hang
     validate_rollout_config(r, loop)
     m = RolloutManager(r, loop, DataConfig(shuffle=False), ROWS, EngineSpec(str(tiny_checkpoint), 2, cpus=0.5),
                        [RewardSpec("char_fraction")], RunnerSettings())

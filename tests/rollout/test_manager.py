@@ -23,7 +23,9 @@ def _manager(ray, checkpoint, engines=1, rows=ROWS, engine_kwargs=None, **overri
     loop_keys = {"mode", "sync_interval", "pause_mode", "batch_timeout_s"}
     r = RolloutConfig(**{"prompts_per_step": 2, "samples_per_prompt": 2, "max_new_tokens": 12,
                          **{k: v for k, v in overrides.items() if k not in loop_keys}})
-    loop = LoopConfig(**{k: v for k, v in overrides.items() if k in loop_keys})
+    # A stuck step fails with a message rather than at pytest-timeout (its signal landing inside a ray.get is
+    # the likeliest reason a CI run hung in every Ray test after one timed out).
+    loop = LoopConfig(**{"batch_timeout_s": 120.0, **{k: v for k, v in overrides.items() if k in loop_keys}})
     validate_rollout_config(r, loop)
     handles = [ScriptedEngineActor.remote(seed=k, **(engine_kwargs or {})) for k in range(engines)]
     m = RolloutManager(r, loop, DataConfig(shuffle=False), rows, EngineSpec(str(checkpoint), engines),
@@ -216,8 +218,10 @@ def test_failed_engine_is_replaced_and_no_request_is_lost(ray_session, tiny_chec
         started.append(h)
         return h
 
+    # A 3 s check timeout: a healthy engine's check must not miss it on a loaded 2-core CI machine (checks run
+    # while paused for a push too), and a hung one is still caught within a step or two.
     m, handles = _manager(ray_session, tiny_checkpoint, engines=2, mode="async", max_staleness=1,
-                          max_new_tokens=40, health_interval_s=0.2, health_timeout_s=1.0,
+                          max_new_tokens=40, health_interval_s=0.2, health_timeout_s=3.0,
                           engine_kwargs={"tick_s": 0.02})
     m.pool.factory = factory
     victim = handles[0]
