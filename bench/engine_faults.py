@@ -25,10 +25,12 @@ import psutil  # noqa: E402
 
 
 def schedulers() -> list[psutil.Process]:
+    """This run's SGLang schedulers: descendants of this process (its local Ray starts the engines), never an
+    engine some other program on the machine runs."""
     out = []
-    for p in psutil.process_iter(["cmdline", "create_time"]):
+    for p in psutil.Process().children(recursive=True):
         try:
-            if "sglang::scheduler" in " ".join(p.info["cmdline"] or []):
+            if "sglang::scheduler" in " ".join(p.cmdline()):
                 out.append(p)
         except psutil.Error:
             continue
@@ -42,7 +44,14 @@ def steps_done(trace: Path) -> int:
 def serving(settle_s: float = 60.0) -> list[psutil.Process]:
     """Schedulers up for a while (a replacement still starting is not a serving engine)."""
     now = time.time()
-    return [p for p in schedulers() if now - p.info["create_time"] > settle_s]
+    out = []
+    for p in schedulers():
+        try:
+            if now - p.create_time() > settle_s:
+                out.append(p)
+        except psutil.Error:
+            continue
+    return out
 
 
 def killer(trace: Path, kills: int, every: int, log: list, stop: threading.Event) -> None:

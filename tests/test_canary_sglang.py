@@ -59,6 +59,16 @@ def test_internal_shapes_the_patches_assume():
     forward_methods = importlib.import_module(
         "sglang.srt.models.deepseek_common.attention_forward_methods.forward_methods")
     assert hasattr(forward_methods.AttnForwardMethod, "MLA"), "AttnForwardMethod.MLA moved: patch B must be updated"
+    backend = importlib.import_module("sglang.srt.layers.attention.torch_native_backend").TorchNativeAttnBackend
+    head = ["self", "query", "output", "k_cache", "v_cache", "req_to_token", "req_pool_indices", "seq_lens"]
+    for method, args in (("_run_sdpa_forward_decode", head + ["encoder_lens", "scaling"]),
+                         ("_run_sdpa_forward_extend", head + ["extend_prefix_lens", "extend_seq_lens",
+                                                              "encoder_lens", "scaling"])):
+        fn = getattr(backend, method)
+        fn = getattr(fn, "__wrapped__", fn)
+        assert list(inspect.signature(fn).parameters)[:len(args)] == args, (
+            f"sglang internal TorchNativeAttnBackend.{method} changed its arguments: the CPU plugin patch D must "
+            f"be updated (pinned sglang=={PIN})")
     tm = importlib.import_module("sglang.srt.managers.tokenizer_manager").TokenizerManager
     assert "abort_all" in inspect.signature(tm.abort_request).parameters, "TokenizerManager.abort_request changed"
     engine = importlib.import_module("sglang.srt.entrypoints.engine").Engine

@@ -19,6 +19,11 @@ The patches (the "A/B/C" names are used in logs, errors and the canary test):
   C. DSA: every DSA path (server-arg resolution, attention backends, the indexer and its FP8 key cache) needs
      CUDA. `is_deepseek_dsa` answers False in every imported copy, so GLM-5 is served as dense MLA + MoE. That is
      exact while the context is no longer than the model's `index_topk` (DSA then selects every token).
+  D. batched attention: the torch-native backend attends one request at a time (a Python loop of cache gathers
+     and SDPA calls per layer and step), which made each running request cost ~4x what it costs in transformers'
+     `generate` per decode step. Decode and causal prefill (no encoder, no sliding window) now attend for the
+     whole batch at once (rollout/sglang_cpu/batched_attention.py); other cases, and a prefill whose padded
+     batch would be too large, keep SGLang's loop. Same arithmetic per request: logprobs are unchanged.
 """
 from __future__ import annotations
 
@@ -40,6 +45,7 @@ PATCHED_NAMES: list[tuple[str, str]] = [
     ("sglang.srt.models.deepseek_common.attention_backend_handler", "AttentionBackendRegistry"),  # B
     ("sglang.srt.models.deepseek_common.attention_forward_methods.forward_methods", "AttnForwardMethod"),  # B
     ("sglang.srt.configs.model_config", "is_deepseek_dsa"),  # C (replaced, plus its copies)
+    ("sglang.srt.layers.attention.torch_native_backend", "TorchNativeAttnBackend"),  # D (two methods replaced)
 ]
 # Which patch each name belongs to, for the canary's error message.
 PATCH_OF_NAME: dict[tuple[str, str], str] = {
@@ -49,6 +55,7 @@ PATCH_OF_NAME: dict[tuple[str, str], str] = {
     PATCHED_NAMES[3]: "B (MLA torch_native attention method)",
     PATCHED_NAMES[4]: "B (MLA torch_native attention method)",
     PATCHED_NAMES[5]: "C (DSA served as dense MLA)",
+    PATCHED_NAMES[6]: "D (batched attention)",
 }
 
 # Other SGLang internals slipstream relies on (platform plugin, engine wrapper), with what uses them; the canary
@@ -90,8 +97,10 @@ def apply_patches() -> None:
         _patch_rope()
         _patch_mla_attention_method()
         _patch_dsa_off()
+        _patch_batched_attention()
         _applied = True
-    logger.info("slipstream CPU patches for sglang applied (A rope, B MLA torch_native, C DSA as dense)")
+    logger.info("slipstream CPU patches for sglang applied (A rope, B MLA torch_native, C DSA as dense, "
+                "D batched attention)")
 
 
 def patches_applied() -> bool:
@@ -187,3 +196,45 @@ def _warn_if_context_exceeds_topk(config, warned: set[int]) -> None:
         logger.warning(
             "serving a DSA model on CPU as dense MLA: exact only for contexts <= index_topk=%s "
             "(max_position_embeddings=%s); longer contexts attend to all tokens instead of the top-k", topk, max_pos)
+
+
+def _patch_batched_attention() -> None:
+    backend = _import("sglang.srt.layers.attention.torch_native_backend", "TorchNativeAttnBackend",
+                      "D (batched attention)")
+    decode = getattr(backend, "_run_sdpa_forward_decode", None)
+    extend = getattr(backend, "_run_sdpa_forward_extend", None)
+    if decode is None or extend is None:
+        raise RuntimeError("sglang internal TorchNativeAttnBackend._run_sdpa_forward_decode/_extend moved: the CPU "
+                           "plugin patch D must be updated (slipstream pins sglang==0.5.23)")
+    if getattr(decode, "_slipstream_patched", False):
+        return
+    from rollout.sglang_cpu import batched_attention
+
+    def _batchable(encoder_lens, sliding_window_size) -> bool:
+        return encoder_lens is None and (sliding_window_size is None or sliding_window_size < 0)
+
+    def _run_sdpa_forward_decode(self, query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
+                                 encoder_lens=None, scaling=None, enable_gqa=False, causal=False,
+                                 is_cross_attn=False, sliding_window_size=None):
+        if not _batchable(encoder_lens, sliding_window_size):
+            return decode(self, query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
+                          encoder_lens, scaling, enable_gqa, causal, is_cross_attn, sliding_window_size)
+        return batched_attention.decode_attention(query, output, k_cache, v_cache, req_to_token,
+                                                  req_pool_indices, seq_lens, scaling)
+
+    def _run_sdpa_forward_extend(self, query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
+                                 extend_prefix_lens, extend_seq_lens, encoder_lens=None, scaling=None,
+                                 enable_gqa=False, causal=False, is_cross_attn=False, sliding_window_size=None):
+        if causal and _batchable(encoder_lens, sliding_window_size) and batched_attention.extend_attention(
+                query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, extend_prefix_lens,
+                extend_seq_lens, scaling):
+            return output
+        return extend(self, query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
+                      extend_prefix_lens, extend_seq_lens, encoder_lens, scaling, enable_gqa, causal, is_cross_attn,
+                      sliding_window_size)
+
+    for name, new, original in (("_run_sdpa_forward_decode", _run_sdpa_forward_decode, decode),
+                                ("_run_sdpa_forward_extend", _run_sdpa_forward_extend, extend)):
+        new._slipstream_patched = True
+        new.__wrapped__ = original
+        setattr(backend, name, new)
