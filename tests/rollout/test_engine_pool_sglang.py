@@ -16,6 +16,8 @@ from rollout.data import PromptRow
 from rollout.data.config import DataConfig
 from rollout.manager import EngineSpec, EnginesJoining, RolloutManager
 
+from .push_retry import push_to_pool
+
 ROWS = [PromptRow(i, [{"role": "user", "content": f"Tell me a long story, number {i}."}]) for i in range(30)]
 
 
@@ -35,21 +37,6 @@ def _strike_mid_rollout(ray, handle, sig) -> int:
     pid = _scheduler_pid(ray, handle)
     os.kill(pid, sig)
     return pid
-
-
-def _push(ray, m, checkpoint, version: int) -> None:
-    """What trainer/runtime.py's sync_weights does when an engine dies under a push: once the pool has replaced
-    it, push to the engines it now has."""
-    for _attempt in range(60):
-        try:
-            ray.get([e.update_weights_from_disk.remote(str(checkpoint), version) for e in m.engine_handles()],
-                    timeout=300)
-            return
-        except ray.exceptions.RayActorError:
-            time.sleep(1.0)
-        except ray.exceptions.GetTimeoutError:
-            raise AssertionError("a weight push waited 300s on an engine the pool did not fail") from None
-    raise AssertionError("the pool never replaced the engine that died under the push")
 
 
 def test_scheduler_killed_then_another_stopped(ray_session, tiny_checkpoint):
@@ -79,7 +66,8 @@ def test_scheduler_killed_then_another_stopped(ray_session, tiny_checkpoint):
                 join(out.handles, step)
             batches.append(out)
             m.pause_for_weights()
-            _push(ray, m, tiny_checkpoint, step + 1)
+            push_to_pool(m, lambda e: e.update_weights_from_disk.remote(str(tiny_checkpoint), step + 1),
+                         attempts=60, retry_after_s=1.0, timeout_s=300)
             m.on_weights(step + 1)
         # The last steps can outrun the second replacement's start (one engine serves them): it joins as the
         # next batch would bring it in.

@@ -14,6 +14,7 @@ from rollout.data import PromptRow
 from rollout.data.config import DataConfig
 from rollout.manager import EngineSpec, RolloutManager
 
+from .push_retry import push_to_pool
 from .scripted_engine import ScriptedEngineActor
 
 ROWS = [PromptRow(i, [{"role": "user", "content": f"question {i}"}]) for i in range(40)]
@@ -167,18 +168,6 @@ def test_engine_failure_reaches_the_loop(ray_session, tiny_checkpoint):
         m.shutdown()
 
 
-def _push(ray, m, version: int) -> None:
-    """What trainer/runtime.py's sync_weights does when an engine dies under a push (or the pool fails it
-    meanwhile): once the pool has replaced it, push to the engines it now has."""
-    for _attempt in range(100):
-        try:
-            ray.get([e.update_weights_from_tensors.remote([], version) for e in m.engine_handles()])
-            return
-        except ray.exceptions.RayActorError:
-            time.sleep(0.1)
-    raise AssertionError("the pool never replaced the engine that failed under the push")
-
-
 def _driver_with_faults(ray, m, handles, steps, faults: dict, push_faults: dict | None = None):
     """The trainer loop's calls, answering EnginesJoining like trainer/runtime.py does (push the trainer's
     weights to the replacements), with `faults[step]` run right before the batch of `step` is requested and
@@ -200,7 +189,8 @@ def _driver_with_faults(ray, m, handles, steps, faults: dict, push_faults: dict 
         m.pause_for_weights()
         if step in (push_faults or {}):
             push_faults[step]()
-        _push(ray, m, step + 1)
+        push_to_pool(m, lambda e: e.update_weights_from_tensors.remote([], step + 1), attempts=100,
+                     retry_after_s=0.1)
         m.on_weights(step + 1)
     return batches, joined
 
