@@ -285,3 +285,45 @@ def test_bf16_engine_gets_weights_cast_per_bucket(ray_session, tiny_checkpoint):
         trainer.shutdown()
         ray.get(engine.shutdown.remote(), timeout=120)
         ray.kill(engine)
+
+
+@ray.remote(num_cpus=0)
+class _PushRecorder:
+    """The push half of an engine: one push open at a time, as SGLangEngine enforces; or an engine that dies as
+    a push begins (its scheduler was killed)."""
+
+    def __init__(self, dies: bool = False):
+        self.open, self.dies = None, dies
+
+    def begin_weight_push(self, version):
+        if self.dies:
+            import os
+
+            os._exit(1)
+        if self.open is not None:
+            raise RuntimeError(f"a push of version {self.open} is still open; end or abort it first")
+        self.open = version
+
+    def end_weight_push(self, version, buckets):
+        self.open = None
+
+    def abort_weight_push(self):
+        self.open = None
+
+    def open_push(self):
+        return self.open
+
+
+def test_engine_dying_as_a_push_begins_leaves_no_push_open(ray_session):
+    """Found by bench/engine_faults.py: an engine killed as a push began left the other engines' pushes open, so
+    the loop's retry onto the replacement failed with 'a push of version N is still open'."""
+    from trainer.weight_sync.strategies import TensorSync
+
+    survivor, dying = _PushRecorder.remote(), _PushRecorder.remote(dies=True)
+    sync = object.__new__(TensorSync)  # the begin/end/abort protocol only: no trainer, no buckets
+    sync.plan, sync.engines, sync._send = [], [survivor, dying], lambda version: []
+    with pytest.raises(ray.exceptions.RayActorError):
+        sync._push(57)
+    assert ray.get(survivor.open_push.remote()) is None
+    sync.engines = [survivor, _PushRecorder.remote()]  # the pool's replacement joined: the retry goes through
+    assert sync._push(57)[:2] == (0, 0)

@@ -90,11 +90,15 @@ class _BucketedSync(WeightSync):
         self.senders = sorted({b.source_rank for b in self.plan})
 
     def _push(self, version: int) -> tuple[int, int, dict]:
-        ray.get([e.begin_weight_push.remote(version) for e in self.engines])
+        begins = [e.begin_weight_push.remote(version) for e in self.engines]
         try:
+            ray.get(begins)
             reports = self._send(version)
             ray.get([e.end_weight_push.remote(version, len(self.plan)) for e in self.engines])
         except BaseException:
+            # An engine that died as its push began leaves the others' pushes open; the retry onto the pool's
+            # replacement would then find them open. Every begin has finished before any abort is sent.
+            ray.wait(begins, num_returns=len(begins), timeout=60)
             for e in self.engines:
                 try:
                     ray.get(e.abort_weight_push.remote(), timeout=60)
