@@ -1,7 +1,7 @@
 """Engine kills during a training run: the quickstart in async mode with two SGLang engines, and a thread that
 kill -9s one engine's scheduler every --every steps (once both engines serve again), --kills times.
 
-    python bench/engine_faults.py [--kills 10] [--every 30]
+    python bench/engine_faults.py --kills 10 --every 15 --steps 1800    # the figure in docs/benchmarks.md
 
 A kill is survived when the run goes on to finish every step, with no prompt group trained twice or skipped
 (read from the run's trace/batches.jsonl), and the pool is back to two engines at the end."""
@@ -30,7 +30,8 @@ def schedulers() -> list[psutil.Process]:
     out = []
     for p in psutil.Process().children(recursive=True):
         try:
-            if "sglang::scheduler" in " ".join(p.cmdline()):
+            # a killed scheduler stays a zombie until its parent reaps it: it is no engine
+            if p.status() != psutil.STATUS_ZOMBIE and "sglang::scheduler" in " ".join(p.cmdline()):
                 out.append(p)
         except psutil.Error:
             continue
@@ -74,7 +75,10 @@ def killer(trace: Path, kills: int, every: int, log: list, stop: threading.Event
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kills", type=int, default=10)
-    ap.add_argument("--every", type=int, default=30, help="steps between kills")
+    ap.add_argument("--every", type=int, default=30, help="steps between kills (at least)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="training steps (default every x (kills + 1)); a replacement takes ~100 steps to start and "
+                         "settle on 2 cores, so 10 kills need ~2000")
     args = ap.parse_args()
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
@@ -82,7 +86,7 @@ def main() -> None:
     from trainer.config import parse_config
     from trainer.main import run
 
-    steps = args.every * (args.kills + 1)
+    steps = args.steps or args.every * (args.kills + 1)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
         overrides = ["+experiment=quickstart", "loop.mode=async", "rollout.max_staleness=2", "rollout.num_engines=2",

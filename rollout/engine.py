@@ -58,6 +58,23 @@ if not torch.cuda.is_available():
 
 
 PAUSE_MODES = ("in_place", "retract")
+# Opening a CPU buffer shared by name goes through the sender's torch_shm_manager daemon; on a loaded 2-core box
+# its answer can miss libshm's socket timeout ("Shared memory manager connection has timed out", seen once in
+# bench/engine_faults.py, ending the run). The buffer is still there: asking again is safe.
+SHM_OPEN_ATTEMPTS = 4
+
+
+def open_shared_buffer(handle: bytes):
+    """The tensor a sender pickled as a shared-memory handle, retrying libshm's timeouts."""
+    for attempt in range(SHM_OPEN_ATTEMPTS):
+        try:
+            return pickle.loads(handle)
+        except RuntimeError as exc:
+            if "Shared memory manager connection has timed out" not in str(exc) or attempt == SHM_OPEN_ATTEMPTS - 1:
+                raise
+            logger.warning("opening a shared weight bucket timed out (attempt %d of %d); retrying", attempt + 1,
+                           SHM_OPEN_ATTEMPTS)
+            time.sleep(0.5 * (attempt + 1))
 
 
 class SGLangEngine:
@@ -292,7 +309,7 @@ class SGLangEngine:
         from sglang.srt.utils import MultiprocessingSerializer
         from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorMetadata
 
-        flat = pickle.loads(handle)
+        flat = open_shared_buffer(handle)
         if flat.numel() != layout.nbytes:
             raise ValueError(f"bucket {index}: {flat.numel()} bytes received for a layout of {layout.nbytes}")
         verify_check(flat, layout.payload_nbytes, layout.entries[-1].view(flat), version=version, index=index)

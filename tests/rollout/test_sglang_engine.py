@@ -82,6 +82,42 @@ def test_engine_start_deadline(tiny_checkpoint):
     assert not left, f"engine processes left running: {left}"
 
 
+def test_shared_bucket_open_retries_libshm_timeouts(monkeypatch):
+    """A timed-out answer from the sender's torch_shm_manager (seen under load) is asked again, a few times;
+    any other error, or a timeout that persists, is raised."""
+    import types
+
+    import rollout.engine as engine_module
+
+    monkeypatch.setattr(engine_module.time, "sleep", lambda s: None)
+    answers = []
+
+    def loads(handle):
+        answers.append(handle)
+        if len(answers) < 3:
+            raise RuntimeError("Shared memory manager connection has timed out\nException raised from recv")
+        return torch.ones(3)
+
+    monkeypatch.setattr(engine_module, "pickle", types.SimpleNamespace(loads=loads))
+    assert engine_module.open_shared_buffer(b"h").tolist() == [1.0, 1.0, 1.0] and len(answers) == 3
+
+    def always(message):
+        def loads(handle):
+            answers.append(handle)
+            raise RuntimeError(message)
+        return types.SimpleNamespace(loads=loads)
+
+    answers.clear()
+    monkeypatch.setattr(engine_module, "pickle", always("Shared memory manager connection has timed out"))
+    with pytest.raises(RuntimeError, match="timed out"):
+        engine_module.open_shared_buffer(b"h")
+    assert len(answers) == engine_module.SHM_OPEN_ATTEMPTS
+    answers.clear()
+    monkeypatch.setattr(engine_module, "pickle", always("unpickling failed"))
+    with pytest.raises(RuntimeError, match="unpickling failed"):
+        engine_module.open_shared_buffer(b"h")
+
+
 @pytest.fixture(scope="module")
 def engine(tiny_checkpoint):
     eng = SGLangEngine(str(tiny_checkpoint), dtype="float32", max_total_tokens=8192, seed=0)
