@@ -8,6 +8,7 @@ A kill is survived when the run goes on to finish every step, with no prompt gro
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -58,7 +59,7 @@ def serving(settle_s: float = 60.0) -> list[psutil.Process]:
 def killer(trace: Path, kills: int, every: int, log: list, stop: threading.Event) -> None:
     rng = random.Random(0)
     while len(log) < kills and not stop.is_set():
-        target = every * (len(log) + 1)
+        target = (log[-1]["step"] if log else 0) + every
         while not stop.is_set() and (steps_done(trace) < target or len(serving()) < 2):
             time.sleep(0.2)
         if stop.is_set():
@@ -70,6 +71,8 @@ def killer(trace: Path, kills: int, every: int, log: list, stop: threading.Event
             continue
         log.append({"step": steps_done(trace), "pid": victim.pid, "time": time.time()})
         print(f"killed scheduler {victim.pid} after step {log[-1]['step']}", flush=True)
+        with contextlib.suppress(psutil.Error):  # one kill at a time: it counts as serving until it is gone
+            psutil.wait_procs([victim], timeout=30)
 
 
 def main() -> None:
