@@ -25,14 +25,15 @@ sys.path.insert(0, str(REPO))
 import psutil  # noqa: E402
 
 
-def schedulers() -> list[psutil.Process]:
-    """This run's SGLang schedulers: descendants of this process (its local Ray starts the engines), never an
-    engine some other program on the machine runs."""
-    out = []
+def schedulers(min_age_s: float = 0.0) -> list[psutil.Process]:
+    """This run's SGLang schedulers up for at least `min_age_s`: descendants of this process (its local Ray
+    starts the engines), never an engine some other program on the machine runs."""
+    out, now = [], time.time()
     for p in psutil.Process().children(recursive=True):
         try:
             # a killed scheduler stays a zombie until its parent reaps it: it is no engine
-            if p.status() != psutil.STATUS_ZOMBIE and "sglang::scheduler" in " ".join(p.cmdline()):
+            if (p.status() != psutil.STATUS_ZOMBIE and "sglang::scheduler" in " ".join(p.cmdline())
+                    and now - p.create_time() >= min_age_s):
                 out.append(p)
         except psutil.Error:
             continue
@@ -45,15 +46,7 @@ def steps_done(trace: Path) -> int:
 
 def serving(settle_s: float = 60.0) -> list[psutil.Process]:
     """Schedulers up for a while (a replacement still starting is not a serving engine)."""
-    now = time.time()
-    out = []
-    for p in schedulers():
-        try:
-            if now - p.create_time() > settle_s:
-                out.append(p)
-        except psutil.Error:
-            continue
-    return out
+    return schedulers(min_age_s=settle_s)
 
 
 def killer(trace: Path, kills: int, every: int, log: list, stop: threading.Event) -> None:

@@ -82,8 +82,9 @@ class GenerateSide:
         out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                                   do_sample=True, temperature=1.0, top_p=1.0, top_k=0)
         elapsed = time.perf_counter() - t0
-        if out.shape != (len(prompts), PROMPT_LEN + new_tokens):
-            raise RuntimeError(f"generate returned {tuple(out.shape)}, expected {(len(prompts), PROMPT_LEN + new_tokens)}")
+        expected = (len(prompts), PROMPT_LEN + new_tokens)
+        if tuple(out.shape) != expected:
+            raise RuntimeError(f"generate returned {tuple(out.shape)}, expected {expected}")
         return elapsed
 
     def close(self) -> None:
@@ -93,7 +94,7 @@ class GenerateSide:
 def fit_step_cost(points: dict[int, float]) -> tuple[float, float]:
     """Least squares step = fixed + per_request * batch over {batch: seconds per decode step}."""
     xs, ys = list(points), [points[b] for b in points]
-    n, mx, my = len(xs), sum(xs) / len(xs), sum(ys) / len(ys)
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
     return my - slope * mx, slope
 
