@@ -111,7 +111,7 @@ def _mlp_types(hf: dict[str, Any]) -> list[str]:
     return list(types)
 
 
-def _indexer_types(hf: dict[str, Any]) -> list[str]:
+def indexer_types(hf: dict[str, Any]) -> list[str]:
     """Which GLM-5 layers build their own DSA indexer ("full") or reuse the previous one's top-k ("shared"); the
     same rule as transformers' GlmMoeDsaConfig (index_topk_pattern, else index_topk_freq/index_skip_topk_offset)."""
     n = hf["num_hidden_layers"]
@@ -172,12 +172,12 @@ def count_params(hf: dict[str, Any]) -> ModelParams:
     n_experts, top_k = hf["n_routed_experts"], hf["num_experts_per_tok"]
     per_expert = _ffn(h, hf["moe_intermediate_size"])
     shared = _ffn(h, hf["moe_intermediate_size"] * hf.get("n_shared_experts", 1)) if hf.get("n_shared_experts", 1) else 0
-    indexer_types = _indexer_types(hf) if model_type == "glm_moe_dsa" else None
+    layer_indexers = indexer_types(hf) if model_type == "glm_moe_dsa" else None
 
     def layer(i: int, moe: bool, full_indexer: bool | None = None) -> LayerParams:
         if model_type == "glm_moe_dsa":
             if full_indexer is None:
-                full_indexer = indexer_types[i] == "full"
+                full_indexer = layer_indexers[i] == "full"
             split, replicated, indexer = _attention_glm5(hf, full_indexer)
         else:
             split, replicated, indexer = _attention_glm4(hf)

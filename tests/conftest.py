@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import pytest
 
+# A tiny GLM-5 whose DSA top-k (8) is below the contexts tests use, so the sparse selection changes the result.
+# 16 indexer heads: with 4, transformers itself has exact score ties (relu zeros) at the top-k cutoff.
+SPARSE_TOPK = 8
+
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
@@ -10,6 +14,15 @@ def tiny_checkpoint(tmp_path_factory):
     from glm5_model.hf_checkpoint import make_random_checkpoint
 
     return make_random_checkpoint("tiny", tmp_path_factory.mktemp("ckpt") / "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def sparse_checkpoint(tmp_path_factory):
+    """A tiny GLM-5 checkpoint with index_topk SPARSE_TOPK (read-only)."""
+    from glm5_model.hf_checkpoint import make_random_checkpoint
+
+    return make_random_checkpoint("tiny", tmp_path_factory.mktemp("sparse") / "tiny-topk8", seed=3,
+                                  overrides={"index_topk": SPARSE_TOPK, "index_n_heads": 16})
 
 
 @pytest.fixture(scope="session")

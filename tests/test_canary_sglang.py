@@ -69,6 +69,12 @@ def test_internal_shapes_the_patches_assume():
         assert list(inspect.signature(fn).parameters)[:len(args)] == args, (
             f"sglang internal TorchNativeAttnBackend.{method} changed its arguments: the CPU plugin patch D must "
             f"be updated (pinned sglang=={PIN})")
+    attention = importlib.import_module("sglang.srt.models.deepseek_v2").DeepseekV2AttentionMLA
+    init = inspect.signature(getattr(attention.__init__, "__wrapped__", attention.__init__)).parameters
+    forward = list(inspect.signature(attention.forward).parameters)
+    assert "is_nextn" in init and forward[:4] == ["self", "positions", "hidden_states", "forward_batch"], (
+        f"sglang internal DeepseekV2AttentionMLA.__init__/forward changed its arguments: the CPU plugin patch E "
+        f"must be updated (pinned sglang=={PIN})")
     tm = importlib.import_module("sglang.srt.managers.tokenizer_manager").TokenizerManager
     assert "abort_all" in inspect.signature(tm.abort_request).parameters, "TokenizerManager.abort_request changed"
     engine = importlib.import_module("sglang.srt.entrypoints.engine").Engine
@@ -150,6 +156,8 @@ def test_patches_take_effect():
     assert model_config.is_deepseek_dsa(glm5) is False
     deepseek_v2 = importlib.import_module("sglang.srt.models.deepseek_v2")
     assert deepseek_v2.is_deepseek_dsa is model_config.is_deepseek_dsa, "a copy of is_deepseek_dsa was not patched"
+    assert getattr(deepseek_v2.DeepseekV2AttentionMLA.__init__, "_slipstream_patched", False), (
+        "patch E did not wrap DeepseekV2AttentionMLA.__init__")
 
 
 def test_platform_empty_cache_does_not_collect(monkeypatch):

@@ -22,11 +22,14 @@ EXTEND_MAX_SCORE_ELEMENTS = 2 ** 25
 
 def decode_attention(query: torch.Tensor, output: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor,
-                     scaling: float | None) -> torch.Tensor:
-    """One new token per request: query [B, H, D], caches [slots, Hk, D] / [slots, Hk, Dv], output [B, H, Dv]."""
+                     scaling: float | None, selected: torch.Tensor | None = None) -> torch.Tensor:
+    """One new token per request: query [B, H, D], caches [slots, Hk, D] / [slots, Hk, Dv], output [B, H, Dv].
+    `selected` [B, L] (L = longest sequence) limits each request to those keys (DSA's top-k)."""
     batch, heads, dim = query.shape
     kv_heads = k_cache.shape[1]
     key, value, valid = _gather(k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, query.dtype)
+    if selected is not None:
+        valid = valid & selected
     q = query.reshape(batch, kv_heads, heads // kv_heads, dim)
     out = _attend(q, key, value, valid[:, None, None, :], _scale(scaling, dim))  # [B, Hk, g, Dv]
     output.copy_(out.reshape(batch, heads, -1))
@@ -35,30 +38,42 @@ def decode_attention(query: torch.Tensor, output: torch.Tensor, k_cache: torch.T
 
 def extend_attention(query: torch.Tensor, output: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor,
-                     prefix_lens: torch.Tensor, extend_lens: torch.Tensor, scaling: float | None) -> bool:
+                     prefix_lens: torch.Tensor, extend_lens: torch.Tensor, scaling: float | None,
+                     selected: torch.Tensor | None = None) -> bool:
     """Causal prefill of each request's new tokens after its cached prefix. query [T, H, D] holds the requests'
     new tokens back to back (T = sum of extend_lens), their keys are already in the cache; output [T, H, Dv].
-    Returns False, writing nothing, when the padded batch would exceed EXTEND_MAX_SCORE_ELEMENTS."""
+    `selected` [B, Lq, L] (laid out by `extend_layout`) limits each query to those keys (DSA's top-k).
+    Returns False, writing nothing, when the padded batch would exceed EXTEND_MAX_SCORE_ELEMENTS (never with a
+    selection: SGLang's loop cannot apply it, and building it took a tensor of that size already)."""
     _, heads, dim = query.shape
     kv_heads = k_cache.shape[1]
     batch = seq_lens.shape[0]
-    new, cached = extend_lens.to(torch.long), prefix_lens.to(torch.long)
-    max_new, max_len = int(new.max()), int(seq_lens.max())
-    if batch * heads * max_new * max_len > EXTEND_MAX_SCORE_ELEMENTS:
+    max_new, max_len = int(extend_lens.max()), int(seq_lens.max())
+    if selected is None and batch * heads * max_new * max_len > EXTEND_MAX_SCORE_ELEMENTS:
         return False
     key, value, key_valid = _gather(k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, query.dtype)
-    step = torch.arange(max_new, device=query.device)
-    query_valid = step < new[:, None]  # [B, Lq]
-    rows = torch.where(query_valid, (torch.cumsum(new, 0) - new)[:, None] + step, 0)  # row of each query in `query`
-    position = cached[:, None] + step  # [B, Lq] position of each new token in its sequence
+    rows, query_valid, position = extend_layout(prefix_lens, extend_lens)
     # A padded query row (step >= its request's new length) sits past the sequence, sees every valid key and so
-    # never softmaxes an all-masked row; its output is dropped.
+    # never softmaxes an all-masked row; its output is dropped. (A selection keeps at least each query's own
+    # key, and marks padded rows like real ones at their position.)
     mask = key_valid[:, None, :] & (torch.arange(max_len, device=query.device) <= position[:, :, None])
+    if selected is not None:
+        mask = mask & selected
     q = query[rows].view(batch, max_new, kv_heads, heads // kv_heads, dim).permute(0, 2, 3, 1, 4)
     out = _attend(q, key[:, :, None], value[:, :, None], mask[:, None, None], _scale(scaling, dim))
     out = out.permute(0, 3, 1, 2, 4).reshape(batch, max_new, heads, -1)  # [B, Lq, H, Dv]
     output[rows[query_valid]] = out[query_valid]
     return True
+
+
+def extend_layout(prefix_lens: torch.Tensor, extend_lens: torch.Tensor):
+    """The padded layout of a prefill batch whose requests' new tokens lie back to back in T rows: the row of each
+    [request, step] query (0 for padding), which of them are real, and each one's position in its sequence."""
+    new, cached = extend_lens.to(torch.long), prefix_lens.to(torch.long)
+    step = torch.arange(int(new.max()), device=new.device)
+    query_valid = step < new[:, None]  # [B, Lq]
+    rows = torch.where(query_valid, (torch.cumsum(new, 0) - new)[:, None] + step, 0)
+    return rows, query_valid, cached[:, None] + step
 
 
 def _gather(k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, dtype):

@@ -17,13 +17,17 @@ The patches (the "A/B/C" names are used in logs, errors and the canary test):
      is handed and reads the compressed MLA cache. Shapes fit, logits are silently wrong (logprob diff ~1.75).
      We register `torch_native` to always use the absorbed MLA path.
   C. DSA: every DSA path (server-arg resolution, attention backends, the indexer and its FP8 key cache) needs
-     CUDA. `is_deepseek_dsa` answers False in every imported copy, so GLM-5 is served as dense MLA + MoE. That is
-     exact while the context is no longer than the model's `index_topk` (DSA then selects every token).
+     CUDA. `is_deepseek_dsa` answers False in every imported copy, so SGLang builds GLM-5 as dense MLA + MoE;
+     patch E puts the sparse selection back. (Other DSA models, e.g. DeepSeek-V3.2, stay dense: exact only while
+     the context is no longer than `index_topk`, and a warning says so.)
   D. batched attention: the torch-native backend attends one request at a time (a Python loop of cache gathers
      and SDPA calls per layer and step), which made each running request cost ~4x what it costs in transformers'
      `generate` per decode step. Decode and causal prefill (no encoder, no sliding window) now attend for the
      whole batch at once (rollout/sglang_cpu/batched_attention.py); other cases, and a prefill whose padded
      batch would be too large, keep SGLang's loop. Same arithmetic per request: logprobs are unchanged.
+  E. GLM-5 sparse attention: each GLM-5 attention layer gets a pure-torch DSA indexer under the checkpoint's
+     parameter names, run by hooks around the layer's forward; its top-k selection masks patch D's attention
+     (rollout/sglang_cpu/sparse_attention.py). With index_topk below the context, logprobs match Megatron's DSA.
 """
 from __future__ import annotations
 
@@ -46,6 +50,8 @@ PATCHED_NAMES: list[tuple[str, str]] = [
     ("sglang.srt.models.deepseek_common.attention_forward_methods.forward_methods", "AttnForwardMethod"),  # B
     ("sglang.srt.configs.model_config", "is_deepseek_dsa"),  # C (replaced, plus its copies)
     ("sglang.srt.layers.attention.torch_native_backend", "TorchNativeAttnBackend"),  # D (two methods replaced)
+    ("sglang.srt.models.deepseek_v2", "DeepseekV2AttentionMLA"),  # E (__init__ wrapped; forward hooked)
+    ("sglang.srt.model_executor.forward_context", "get_attn_backend"),  # E (where the KV pools are)
 ]
 # Which patch each name belongs to, for the canary's error message.
 PATCH_OF_NAME: dict[tuple[str, str], str] = {
@@ -56,6 +62,8 @@ PATCH_OF_NAME: dict[tuple[str, str], str] = {
     PATCHED_NAMES[4]: "B (MLA torch_native attention method)",
     PATCHED_NAMES[5]: "C (DSA served as dense MLA)",
     PATCHED_NAMES[6]: "D (batched attention)",
+    PATCHED_NAMES[7]: "E (GLM-5 sparse attention)",
+    PATCHED_NAMES[8]: "E (GLM-5 sparse attention)",
 }
 
 # Other SGLang internals slipstream relies on (platform plugin, engine wrapper), with what uses them; the canary
@@ -84,7 +92,7 @@ _applied = False
 
 def apply_patches() -> None:
     """Installs the weight-push receiver (rollout/weight_receiver.py, on every device: this entry point is how
-    it reaches SGLang's scheduler process), then applies patches A, B and C once per process on CPU only."""
+    it reaches SGLang's scheduler process), then applies patches A to E once per process on CPU only."""
     global _applied
     from rollout import weight_receiver
 
@@ -98,9 +106,10 @@ def apply_patches() -> None:
         _patch_mla_attention_method()
         _patch_dsa_off()
         _patch_batched_attention()
+        _patch_glm5_sparse_attention()
         _applied = True
     logger.info("slipstream CPU patches for sglang applied (A rope, B MLA torch_native, C DSA as dense, "
-                "D batched attention)")
+                "D batched attention, E GLM-5 sparse attention)")
 
 
 def patches_applied() -> bool:
@@ -165,7 +174,9 @@ def _patch_dsa_off() -> None:
     warned: set[int] = set()
 
     def is_deepseek_dsa(config) -> bool:
-        if original(config):
+        from rollout.sglang_cpu.sparse_attention import is_glm5_dsa
+
+        if original(config) and not is_glm5_dsa(getattr(config, "text_config", None) or config):
             _warn_if_context_exceeds_topk(config, warned)
         return False
 
@@ -209,6 +220,7 @@ def _patch_batched_attention() -> None:
     if getattr(decode, "_slipstream_patched", False):
         return
     from rollout.sglang_cpu import batched_attention
+    from rollout.sglang_cpu.sparse_attention import current_selection
 
     def _batchable(encoder_lens, sliding_window_size) -> bool:
         return encoder_lens is None and (sliding_window_size is None or sliding_window_size < 0)
@@ -216,25 +228,52 @@ def _patch_batched_attention() -> None:
     def _run_sdpa_forward_decode(self, query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
                                  encoder_lens=None, scaling=None, enable_gqa=False, causal=False,
                                  is_cross_attn=False, sliding_window_size=None):
+        selected = current_selection()
         if not _batchable(encoder_lens, sliding_window_size):
+            _no_selection(selected)
             return decode(self, query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
                           encoder_lens, scaling, enable_gqa, causal, is_cross_attn, sliding_window_size)
         return batched_attention.decode_attention(query, output, k_cache, v_cache, req_to_token,
-                                                  req_pool_indices, seq_lens, scaling)
+                                                  req_pool_indices, seq_lens, scaling, selected)
 
     def _run_sdpa_forward_extend(self, query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
                                  extend_prefix_lens, extend_seq_lens, encoder_lens=None, scaling=None,
                                  enable_gqa=False, causal=False, is_cross_attn=False, sliding_window_size=None):
+        selected = current_selection()
         if causal and _batchable(encoder_lens, sliding_window_size) and batched_attention.extend_attention(
                 query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, extend_prefix_lens,
-                extend_seq_lens, scaling):
+                extend_seq_lens, scaling, selected):
             return output
+        _no_selection(selected)
         return extend(self, query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
                       extend_prefix_lens, extend_seq_lens, encoder_lens, scaling, enable_gqa, causal, is_cross_attn,
                       sliding_window_size)
+
+    def _no_selection(selected) -> None:
+        if selected is not None:
+            raise RuntimeError("GLM-5 sparse attention (patch E) reached an attention SGLang's per-request loop "
+                               "serves (encoder, sliding window or non-causal): it cannot apply the top-k selection")
 
     for name, new, original in (("_run_sdpa_forward_decode", _run_sdpa_forward_decode, decode),
                                 ("_run_sdpa_forward_extend", _run_sdpa_forward_extend, extend)):
         new._slipstream_patched = True
         new.__wrapped__ = original
         setattr(backend, name, new)
+
+
+def _patch_glm5_sparse_attention() -> None:
+    attention = _import("sglang.srt.models.deepseek_v2", "DeepseekV2AttentionMLA", "E (GLM-5 sparse attention)")
+    original = attention.__init__
+    if getattr(original, "_slipstream_patched", False):
+        return
+    from rollout.sglang_cpu import sparse_attention
+
+    def __init__(self, config, *args, is_nextn: bool = False, **kwargs):
+        original(self, config, *args, is_nextn=is_nextn, **kwargs)
+        # Multi-token-prediction layers (is_nextn) are not served on CPU; they keep SGLang's dense attention.
+        if sparse_attention.is_glm5_dsa(config) and not is_nextn:
+            sparse_attention.attach(self, config)
+
+    __init__._slipstream_patched = True
+    __init__.__wrapped__ = original
+    attention.__init__ = __init__

@@ -3,24 +3,14 @@ GLM-5 and gives the same logits. 16 indexer heads: with 4, transformers itself h
 top-k cutoff (relu zeros) and breaks them arbitrarily."""
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
-from glm5_model.convert import ExpertShard, load_hf_into_megatron
-from glm5_model.hf_checkpoint import load_hf_state_dict, make_random_checkpoint
 from glm5_model.megatron_config import ParallelLayout
-from glm5_model.model import build_gpt_model
 from glm5_model.parallel import causal_inputs, destroy_parallel, free_port, init_parallel
 
-TOPK = 8
-
-
-@pytest.fixture(scope="module")
-def sparse_checkpoint(tmp_path_factory):
-    return make_random_checkpoint("tiny", tmp_path_factory.mktemp("sparse") / "tiny-topk8", seed=3,
-                                  overrides={"index_topk": TOPK, "index_n_heads": 16})
+from ..conftest import SPARSE_TOPK as TOPK
+from .reference import megatron_from_checkpoint as _megatron
 
 
 @pytest.fixture(scope="module")
@@ -28,13 +18,6 @@ def world1():
     init_parallel(0, 1, ParallelLayout(), master_port=free_port())
     yield
     destroy_parallel()
-
-
-def _megatron(checkpoint, hf_overrides=None):
-    hf_config = {**json.loads((checkpoint / "config.json").read_text()), **(hf_overrides or {})}
-    model = build_gpt_model(hf_config)
-    load_hf_into_megatron(model, load_hf_state_dict(checkpoint), ExpertShard.for_rank(hf_config))
-    return model.eval()
 
 
 def test_sparse_logits_match_transformers(world1, sparse_checkpoint):

@@ -194,7 +194,7 @@ def build_weight_sync(cfg: TrainerConfig, trainer: TrainerGroup, engines: list, 
 
 def _global_plan(cfg: TrainerConfig, trainer: TrainerGroup, engine_dtype: str, engines: list) -> list[BucketPlan]:
     """Every rank's buckets in one push order, leaving out HF tensors the engines hold no parameter for (e.g. the
-    DSA indexer of an engine that serves GLM-5 as dense MLA on CPU): sending them would only cost time."""
+    DSA indexer of a DSA model an engine serves as dense MLA): sending them would only cost time."""
     bucket_bytes = int(cfg.weight_sync_bucket_mb * 2**20)
     plan = order_plans(ray.get([r.weight_sync_plan.remote(bucket_bytes, engine_dtype) for r in trainer.ranks]))
     request = [(e.name, e.dtype, e.shape) for b in plan for e in b.layout.weights]
