@@ -58,7 +58,7 @@ def compose_cfg(mode: str, steps: int, out: Path):
 
     from trainer.config import parse_config
 
-    overrides = ["+experiment=quickstart", f"loop.mode={mode}", f"trainer.num_steps={steps}",
+    overrides = ["+experiment=smoke", f"loop.mode={mode}", f"trainer.num_steps={steps}",
                  f"rollout.max_new_tokens={LONGEST}", "rollout.max_staleness=2", "logging.wandb_mode=disabled",
                  f"output_dir={out}", "checkpoint.save_interval=0"]
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):

@@ -1,4 +1,4 @@
-"""Engine kills during a training run: the quickstart in async mode with two SGLang engines, and a thread that
+"""Engine kills during a training run: `+experiment=smoke` in async mode with two SGLang engines, and a thread that
 kill -9s one engine's scheduler every --every steps (once both engines serve again), --kills times.
 
     python bench/engine_faults.py --kills 10 --every 15 --steps 1800    # the figure in docs/benchmarks.md
@@ -85,7 +85,7 @@ def main() -> None:
     steps = args.steps or args.every * (args.kills + 1)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
-        overrides = ["+experiment=quickstart", "loop.mode=async", "rollout.max_staleness=2", "rollout.num_engines=2",
+        overrides = ["+experiment=smoke", "loop.mode=async", "rollout.max_staleness=2", "rollout.num_engines=2",
                      "rollout.engine_cpus=0.5", f"trainer.num_steps={steps}", "logging.wandb_mode=disabled",
                      f"output_dir={out}", "rollout.health_interval_s=2", "rollout.health_timeout_s=60"]
         with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):

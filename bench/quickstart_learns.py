@@ -3,7 +3,8 @@ evaluation before and during it) and prints, from the run's own logged metrics (
 task family's held-out eval reward at the end of RL minus at its start, and factuality's hallucination rate after
 over before.
 
-    python bench/quickstart_learns.py [--experiment task_mix] [--seed 0] [hydra overrides...]
+    python bench/quickstart_learns.py [--experiment quickstart] [--seed 0] [--plot docs/quickstart_eval.png]
+        [hydra overrides...]
 
 Lines printed for docs/benchmarks.md: `eval reward delta <family>: +N.NN` and `hallucination rate after/before:
 N.NNx`, plus the wall time, the warm-up's share, the median step split and `step time other/step: N.NNx`
@@ -25,9 +26,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--experiment", default="task_mix")
+    ap.add_argument("--experiment", default="quickstart")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--fresh-warmup", action="store_true", help="warm up again instead of taking the cache")
+    ap.add_argument("--plot", type=Path, help="write the held-out eval curves per family here (PNG; needs the "
+                                              "`bench` extra's matplotlib)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="quickstart_learns_"))
@@ -73,6 +76,35 @@ def main() -> None:
                   "(a policy that abstains on everything has no hallucinations and no accuracy)")
             print(f"hallucination rate after/before: {after / before:.2f}x" if before else
                   "hallucination rate after/before: n/a (none before)")
+    if args.plot:
+        plot_eval_curves(evals, families, args.plot, f"+experiment={args.experiment}, seed {args.seed}, "
+                                                      f"{len(steps)} RL steps, 2-core CPU")
+        print(f"eval curves written to {args.plot}")
+
+
+def plot_eval_curves(evals: list[dict], families: list[str], path: Path, title: str) -> None:
+    """Each family's held-out eval reward over RL steps, and factuality's hallucination rate where logged."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [r["step"] for r in evals]
+    for family in families:
+        ax.plot(steps, [r[f"eval/{family}/raw_reward"] for r in evals], marker="o", label=f"{family} reward")
+        rate = f"eval/{family}/hallucination_rate"
+        if all(rate in r for r in evals):
+            ax.plot(steps, [r[rate] for r in evals], marker="x", linestyle="--", label=f"{family} hallucination rate")
+    ax.set_xlabel("RL step (0 = after the warm-up, before RL)")
+    ax.set_ylabel("held-out eval (greedy)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _warmup_seconds(stdout: str) -> float:

@@ -1,4 +1,5 @@
-"""Start-up to the first step of the quickstart, as a user meets it: a fresh `python -m trainer.main` process each
+"""Start-up to the first step of `+experiment=smoke` (Ray, the SGLang engine, the Megatron ranks, W&B; no warm-up
+and no evaluation before step 1), as a user meets it: a fresh `python -m trainer.main` process each
 time (interpreter and imports, config checks, Ray, the trainer ranks, the SGLang engines, W&B), read back from the
 run's own perf/startup/* metrics (trainer/step_clock.py:StartupClock, logged with the first step).
 
@@ -22,7 +23,7 @@ GOAL_S = 15.0
 
 def one_run(work: Path, i: int, overrides: list[str]) -> dict[str, float]:
     out = work / f"run{i}"
-    cmd = [sys.executable, "-m", "trainer.main", "+experiment=quickstart", "trainer.num_steps=1",
+    cmd = [sys.executable, "-m", "trainer.main", "+experiment=smoke", "trainer.num_steps=1",
            f"output_dir={out}", f"model.checkpoint_dir={work / 'init'}", f"hydra.run.dir={work / 'hydra'}",
            "logging.wandb_mode=offline", f"logging.dir={work / 'wandb'}", "checkpoint.save_interval=0", *overrides]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)

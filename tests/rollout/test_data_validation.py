@@ -140,7 +140,7 @@ def test_template_without_tools_support_is_refused(tmp_path):
 def compose(overrides):
     from tests.trainer.test_config import compose_config
 
-    return parse_config(compose_config(["+experiment=quickstart", *overrides]))
+    return parse_config(compose_config(["+experiment=smoke", *overrides]))
 
 
 @pytest.mark.parametrize("override, field", [
@@ -177,7 +177,7 @@ def test_trainer_cli_stops_on_bad_data_before_ray(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": "ok"}\n{"messages": 5}\n')
     proc = subprocess.run(
-        [sys.executable, "-m", "trainer.main", "+experiment=quickstart", f"data.path={bad}",
+        [sys.executable, "-m", "trainer.main", "+experiment=smoke", f"data.path={bad}",
          "logging.wandb_mode=disabled", f"hydra.run.dir={tmp_path / 'hydra'}",
          f"model.checkpoint_dir={tmp_path / 'ckpt'}"],  # a fresh checkpoint, as on a fresh clone
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)

@@ -15,10 +15,21 @@ def compose_config(overrides: list[str]) -> dict:
 
 
 def test_quickstart_composes_and_validates():
+    """The README's quickstart is the task mix's two single-turn families: a cached warm-up, then asynchronous
+    RL with held-out evaluation per family from before RL on."""
     cfg = parse_config(compose_config(["+experiment=quickstart"]))
     assert cfg.model.preset == "tiny"
-    assert cfg.trainer.num_steps >= 1
     assert cfg.logging.wandb_mode == "offline"
+    assert (cfg.data.format, cfg.data.path, cfg.data.eval_split) == ("tasks", "factuality_qa,coding_fn", "heldout")
+    assert cfg.warmup.steps > 0 and cfg.loop.mode == "async" and cfg.trainer.num_steps >= 1
+    assert cfg.eval.at_start and cfg.eval.interval >= 1
+    task_mix = parse_config(compose_config(["+experiment=task_mix"]))
+    assert (cfg.warmup, cfg.rollout, cfg.trainer) == (task_mix.warmup, task_mix.rollout, task_mix.trainer)
+
+
+def test_smoke_composes_and_validates():
+    cfg = parse_config(compose_config(["+experiment=smoke"]))
+    assert cfg.model.preset == "tiny" and cfg.warmup.steps == 0 and cfg.trainer.num_steps >= 1
 
 
 @pytest.mark.parametrize("override, field", [
@@ -46,7 +57,7 @@ def test_quickstart_composes_and_validates():
 ])
 def test_bad_value_names_the_field(override, field):
     with pytest.raises(ConfigError) as info:
-        parse_config(compose_config(["+experiment=quickstart", override]))
+        parse_config(compose_config(["+experiment=smoke", override]))
     assert str(info.value).startswith(field + ":"), str(info.value)
 
 
@@ -56,19 +67,19 @@ def test_bad_value_names_the_field(override, field):
 ])
 def test_pipeline_split_errors_name_the_field(overrides, field):
     with pytest.raises(ConfigError) as info:
-        parse_config(compose_config(["+experiment=quickstart", "trainer.world_size=2", *overrides]))
+        parse_config(compose_config(["+experiment=smoke", "trainer.world_size=2", *overrides]))
     assert str(info.value).startswith(field), str(info.value)
 
 
 def test_uneven_pipeline_split_is_accepted():
-    cfg = parse_config(compose_config(["+experiment=quickstart", "trainer.world_size=2", "trainer.pipeline_parallel=2",
+    cfg = parse_config(compose_config(["+experiment=smoke", "trainer.world_size=2", "trainer.pipeline_parallel=2",
                                        "trainer.pipeline_first_stage_layers=1"]))
     assert cfg.trainer.pipeline_first_stage_layers == 1
 
 
 def test_weight_sync_modes_are_accepted():
     for mode in ("tensor", "distributed", "disk"):
-        cfg = parse_config(compose_config(["+experiment=quickstart", f"trainer.weight_sync={mode}",
+        cfg = parse_config(compose_config(["+experiment=smoke", f"trainer.weight_sync={mode}",
                                            "trainer.weight_sync_bucket_mb=0.5", "trainer.weight_sync_verify=true"]))
         assert (cfg.trainer.weight_sync, cfg.trainer.weight_sync_bucket_mb) == (mode, 0.5)
         assert cfg.trainer.weight_sync_verify is True

@@ -23,7 +23,7 @@ from .test_config import compose_config
 
 
 def _cmd(tmp_path, *overrides: str) -> list[str]:
-    return [sys.executable, "-m", "trainer.main", "+experiment=quickstart", "rollout.max_new_tokens=16",
+    return [sys.executable, "-m", "trainer.main", "+experiment=smoke", "rollout.max_new_tokens=16",
             f"output_dir={tmp_path / 'run'}", f"model.checkpoint_dir={tmp_path / 'init'}",
             f"logging.dir={tmp_path / 'wandb'}", f"hydra.run.dir={tmp_path / 'hydra'}", *overrides]
 
@@ -51,7 +51,7 @@ def _trained(run_dir) -> list[tuple[int, int]]:
 
 
 def _served(cursor: dict) -> int:
-    """Prompts served so far by the data cursor (the quickstart file has 12 rows, all valid)."""
+    """Prompts served so far by the data cursor (the smoke prompt file has 12 rows, all valid)."""
     rows = sum(1 for line in (REPO_ROOT / "data" / "quickstart_prompts.jsonl").read_text().splitlines() if line)
     return cursor["epoch"] * rows + cursor["position"]
 
@@ -157,7 +157,7 @@ def test_kill_dash_nine_mid_async_run_then_resume(tmp_path):
 ])
 def test_bad_value_names_the_field(overrides, field):
     with pytest.raises(ConfigError) as info:
-        parse_config(compose_config(["+experiment=quickstart", *overrides]))
+        parse_config(compose_config(["+experiment=smoke", *overrides]))
     assert str(info.value).startswith(field + ":"), str(info.value)
 
 
@@ -186,8 +186,8 @@ def test_resume_with_another_group_size_is_refused(tmp_path):
 
 
 def test_loop_fields_parse():
-    cfg = parse_config(compose_config(["+experiment=quickstart"]))
+    cfg = parse_config(compose_config(["+experiment=smoke"]))
     assert (cfg.loop.mode, cfg.rollout.partial_rollout) == ("sync", False)
-    cfg = parse_config(compose_config(["+experiment=quickstart", "loop.mode=async", "rollout.max_staleness=2",
+    cfg = parse_config(compose_config(["+experiment=smoke", "loop.mode=async", "rollout.max_staleness=2",
                                        "loop.sync_interval=2", "loop.pause_mode=abort"]))
     assert (cfg.loop.mode, cfg.loop.sync_interval, cfg.loop.pause_mode) == ("async", 2, "abort")

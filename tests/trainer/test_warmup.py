@@ -20,7 +20,7 @@ MIX = "factuality_qa,coding_fn,calculator"
 
 def _cfg(tmp_path, *overrides: str):
     return parse_config(compose_config([
-        "+experiment=quickstart", "data.format=tasks", f"data.path='{MIX}'", "data.generated_tasks=24",
+        "+experiment=smoke", "data.format=tasks", f"data.path='{MIX}'", "data.generated_tasks=24",
         "data.generated_eval_tasks=8", "data.eval_split=heldout", "rollout.agent.max_tokens=256",
         f"warmup.cache_dir={tmp_path / 'warmup'}", *overrides]))
 

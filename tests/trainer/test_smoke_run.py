@@ -1,4 +1,5 @@
-"""The README's quickstart command, end to end in a subprocess (real Ray, SGLang, Megatron, W&B offline)."""
+"""`+experiment=smoke` (the whole stack in a few steps), end to end in a subprocess as the README's quickstart
+command runs: real Ray, SGLang, Megatron, W&B offline."""
 from __future__ import annotations
 
 import json
@@ -15,10 +16,10 @@ def _run(args: list[str], timeout: float) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout)
 
 
-def test_quickstart_runs_and_logs(tmp_path):
+def test_smoke_run_runs_and_logs(tmp_path):
     out = tmp_path / "run"
-    # Plus an evaluation after the last step on 3 held-out rows (a quarter of the 12 quickstart prompts).
-    proc = _run(["+experiment=quickstart", "trainer.num_steps=2", f"output_dir={out}",
+    # Plus an evaluation after the last step on 3 held-out rows (a quarter of the 12 smoke prompts).
+    proc = _run(["+experiment=smoke", "trainer.num_steps=2", f"output_dir={out}",
                  f"model.checkpoint_dir={tmp_path / 'init'}", f"logging.dir={tmp_path / 'wandb'}",
                  f"hydra.run.dir={tmp_path / 'hydra'}", "data.eval_fraction=0.25", "eval.interval=2"], timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -54,7 +55,7 @@ def test_quickstart_runs_and_logs(tmp_path):
 
 
 def test_eval_without_eval_rows_fails_before_ray_starts(tmp_path):
-    proc = _run(["+experiment=quickstart", "eval.interval=1", f"output_dir={tmp_path / 'run'}",
+    proc = _run(["+experiment=smoke", "eval.interval=1", f"output_dir={tmp_path / 'run'}",
                  f"model.checkpoint_dir={tmp_path / 'init'}", f"hydra.run.dir={tmp_path / 'hydra'}"], timeout=300)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "config error: eval.interval: the data has no eval rows" in proc.stderr
@@ -62,7 +63,7 @@ def test_eval_without_eval_rows_fails_before_ray_starts(tmp_path):
 
 
 def test_bad_config_fails_before_ray_starts(tmp_path):
-    proc = _run(["+experiment=quickstart", "trainer.lr=-0.1", f"hydra.run.dir={tmp_path / 'hydra'}"], timeout=120)
+    proc = _run(["+experiment=smoke", "trainer.lr=-0.1", f"hydra.run.dir={tmp_path / 'hydra'}"], timeout=120)
     assert proc.returncode == 2
     assert "config error: trainer.lr: must be > 0" in proc.stderr
     assert "Started a local Ray instance" not in proc.stdout + proc.stderr
