@@ -54,8 +54,8 @@ def extend_attention(query: torch.Tensor, output: torch.Tensor, k_cache: torch.T
     key, value, key_valid = _gather(k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, query.dtype)
     rows, query_valid, position = extend_layout(prefix_lens, extend_lens)
     # A padded query row (step >= its request's new length) sits past the sequence, sees every valid key and so
-    # never softmaxes an all-masked row; its output is dropped. (A selection keeps at least each query's own
-    # key, and marks padded rows like real ones at their position.)
+    # never softmaxes an all-masked row; its output is dropped. A selection keeps that true: it takes each row's
+    # top-k among the keys this mask allows (padded rows included), so at least one allowed key survives.
     mask = key_valid[:, None, :] & (torch.arange(max_len, device=query.device) <= position[:, :, None])
     if selected is not None:
         mask = mask & selected
