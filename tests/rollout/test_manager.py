@@ -231,17 +231,7 @@ def test_failed_engine_is_replaced_and_no_request_is_lost(ray_session, tiny_chec
     def hang_under_push():  # the requests it holds (if any: the bound may have stopped admission) move on resume
         held.append(ray_session.get(victim.in_flight.remote()))
         ray_session.get(victim.hang.remote())
-    def replacement_up():
-        # The data (16 prompts, 2 a step) can run out before a replacement that a loaded machine starts slowly
-        # gets to join; from step 4 on the loop waits until one is up, so the join itself is what is tested.
-        deadline = time.monotonic() + 120
-        while not started:
-            assert time.monotonic() < deadline, "no replacement engine was started"
-            time.sleep(0.05)
-        ray_session.get(started[0].in_flight.remote(), timeout=120)
-
-    faults, push_faults = (({4: replacement_up}, {2: hang_under_push}) if fault == "hangs_paused_for_the_push"
-                           else ({2: act, 4: replacement_up}, {}))
+    faults, push_faults = ({}, {2: hang_under_push}) if fault == "hangs_paused_for_the_push" else ({2: act}, {})
     m.start()
     try:
         batches, joined = _driver_with_faults(ray_session, m, handles, steps=8, faults=faults,
