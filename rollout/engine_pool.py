@@ -223,6 +223,13 @@ class EnginePool:
     def _send(self, per_slot: dict[int, list[tuple[object, EngineRequest]]]) -> None:
         refs = []
         with self._lock:
+            # Routing and sending are two lock sections: an engine failed in between (by another thread's health
+            # check or control call) has already requeued what it held, so what was routed to it is routed again
+            # here; a request added to a dead slot's in-flight set would never come back.
+            stray = [req for k, batch in per_slot.items() if self.slots[k].state != "active" for req in batch]
+            per_slot = {k: batch for k, batch in per_slot.items() if self.slots[k].state == "active"}
+            for k, batch in self._route(stray).items():
+                per_slot.setdefault(k, []).extend(batch)
             for k, batch in per_slot.items():
                 slot = self.slots[k]
                 now = time.monotonic()

@@ -435,9 +435,16 @@ class RolloutManager:
 
     def _describe(self) -> str:
         m = self.flow.metrics()
-        return (f"{m['live_groups']:.0f} live groups, {m['ready_groups']:.0f} ready, "
+        text = (f"{m['live_groups']:.0f} live groups, {m['ready_groups']:.0f} ready, "
                 f"{m['in_flight_requests']:.0f} requests in flight, version {self.flow.version}, "
                 f"paused {self.flow.paused}")
+        if self.flow.groups:  # what a batch in admission order waits on
+            gid, group = next(iter(self.flow.groups.items()))
+            busy = set(self.flow.in_flight.values())
+            state = "scored" if gid in self.flow.ready else ", ".join(
+                s.status.value + (" in flight" if (gid, s.index_in_group) in busy else "") for s in group)
+            text += f"; oldest live group {gid}: {state}"
+        return text
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:

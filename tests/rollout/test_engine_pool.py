@@ -1,0 +1,39 @@
+"""The engine pool with scripted engines (tests/rollout/scripted_engine.py): races between routing a request and
+an engine failing, which the manager tests only reach by chance on a loaded machine."""
+from __future__ import annotations
+
+import time
+
+from rollout.engine_pool import EnginePool, PoolSettings
+from rollout.protocol import EngineRequest
+
+from .scripted_engine import ScriptedEngineActor
+
+
+def _collect_all(pool: EnginePool, rids: set[str], timeout_s: float = 30.0) -> dict:
+    out, deadline = {}, time.monotonic() + timeout_s
+    while set(out) != rids:
+        assert time.monotonic() < deadline, f"never came back: {sorted(rids - set(out))}"
+        out.update((r.rid, r) for r in pool.collect(0.05))
+    return out
+
+
+def test_requests_routed_to_an_engine_that_fails_before_they_are_sent_go_to_another(ray_session):
+    """submit() routes under the pool's lock and sends after it: an engine failed in between (by the health check
+    on the dispatch thread, or a pause on the loop's thread) must not swallow what was routed to it."""
+    engines = [ScriptedEngineActor.remote(seed=k, tick_s=0.005) for k in range(2)]
+    pool = EnginePool(engines, PoolSettings(health_interval_s=60.0))
+    requests = [(f"g{k}", EngineRequest(f"g{k}/0", [1, 2, 3], {"max_new_tokens": 4})) for k in range(4)]
+    try:
+        with pool._lock:
+            per_slot = pool._route(requests)
+        victim = next(iter(per_slot))  # the engine the first requests were routed to fails now
+        pool._fail(pool.slots[victim], "failed between routing and sending")
+        pool._send(per_slot)
+        results = _collect_all(pool, {req.rid for _key, req in requests})
+        survivor = engines[1 - victim]
+        assert sorted(ray_session.get(survivor.served_rids.remote())) == sorted(results)
+        assert all(r.finish_reason != "abort" and r.output_ids for r in results.values())
+        assert not pool.slots[victim].inflight, "a request was left on the failed engine"
+    finally:
+        pool.shutdown()
