@@ -76,12 +76,18 @@ def extend_layout(prefix_lens: torch.Tensor, extend_lens: torch.Tensor):
     return rows, query_valid, cached[:, None] + step
 
 
+def padded_slots(req_to_token, req_pool_indices, seq_lens) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each request's KV-cache slots, padded to the longest: slots [B, L] (padding points at slot 0, so a gather
+    stays in bounds) and valid [B, L]."""
+    max_len = int(seq_lens.max())
+    valid = torch.arange(max_len, device=req_to_token.device) < seq_lens.to(torch.long)[:, None]
+    slots = req_to_token[req_pool_indices.to(torch.long), :max_len].to(torch.long)
+    return torch.where(valid, slots, torch.zeros_like(slots)), valid
+
+
 def _gather(k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, dtype):
     """Each request's cached keys and values, padded to the longest: [B, Hk, L, D], [B, Hk, L, Dv], valid [B, L]."""
-    max_len = int(seq_lens.max())
-    valid = torch.arange(max_len, device=k_cache.device) < seq_lens.to(torch.long)[:, None]
-    slots = req_to_token[req_pool_indices.to(torch.long), :max_len].to(torch.long)
-    slots = torch.where(valid, slots, torch.zeros_like(slots))
+    slots, valid = padded_slots(req_to_token, req_pool_indices, seq_lens)
     gathered = k_cache[slots]  # [B, L, Hk, D]
     if v_cache.data_ptr() == k_cache.data_ptr() and v_cache.stride() == k_cache.stride():
         value = gathered[..., :v_cache.shape[-1]]  # MLA: the values are the first Dv dims of the latent keys

@@ -23,7 +23,7 @@ import threading
 
 import torch
 
-from rollout.sglang_cpu.batched_attention import extend_layout
+from rollout.sglang_cpu.batched_attention import extend_layout, padded_slots
 
 INDEXER_NORM_EPS = 1e-6  # GLM-5's indexer key LayerNorm, fixed in transformers' GlmMoeDsaIndexer
 
@@ -67,18 +67,17 @@ class CpuIndexer(torch.nn.Module):
         keys = self._keys(backend.token_to_kv_pool.get_key_buffer(attn.layer_id).shape[0])
         key = _rope_first(self.k_norm(self.wk(hidden.to(self.wk.weight.dtype))).float(), cos, sin, self.rope_dim)
         keys[batch.out_cache_loc.to(torch.long)] = key
-        seq_lens = batch.seq_lens.to(torch.long)
-        if int(seq_lens.max()) <= self.topk:
+        max_len = int(batch.seq_lens.max())
+        if max_len <= self.topk:
             return None
         q_lora = attn.q_a_layernorm(attn.fused_qkv_a_proj_with_mqa(hidden.to(self.wq_b.weight.dtype))[0]
                                     [..., :attn.q_lora_rank])
         query = self.wq_b(q_lora).float().view(-1, self.n_heads, self.head_dim)
         query = _rope_first(query, cos[:, None], sin[:, None], self.rope_dim)
         weights = self.weights_proj(hidden.to(self.weights_proj.weight.dtype)).float() * self.n_heads ** -0.5
-        max_len = int(seq_lens.max())
-        slots = backend.req_to_token_pool.req_to_token[batch.req_pool_indices.to(torch.long), :max_len].to(torch.long)
-        key_valid = torch.arange(max_len) < seq_lens[:, None]  # [B, L]
-        cached = keys[torch.where(key_valid, slots, torch.zeros_like(slots))]  # [B, L, D]
+        slots, key_valid = padded_slots(backend.req_to_token_pool.req_to_token, batch.req_pool_indices,
+                                        batch.seq_lens)
+        cached = keys[slots]  # [B, L, D]
         scale = self.head_dim ** -0.5
         if batch.forward_mode.is_decode():
             # One query per request: [B, H, D] x [B, L, D] -> [B, H, L], weighted over heads -> [B, L].
