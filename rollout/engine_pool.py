@@ -165,19 +165,35 @@ class EnginePool:
         with self._lock:
             return [s.handle for s in self.slots if s.state == "joining"]
 
-    def on_weights(self, handles: list | None = None) -> None:
-        """A push reached `handles` (None: every serving engine): replacements among them start serving, and
-        requests held for want of an engine go to them."""
+    def on_weights(self, handles: list | None = None, version: int | None = None) -> None:
+        """A push reached `handles`, or (None) every engine it was sent to: replacements among them start
+        serving, and requests held for want of an engine go to them. With handles None, a replacement serves only
+        once it reports `version`: one that became ready after the push's list of engines was taken missed the
+        push, and serving older weights it would generate tokens past the staleness bound until the next push."""
+        if handles is None:
+            with self._lock:
+                joining = [s.handle for s in self.slots if s.state == "joining"]
+            handles = [h for h, v in zip(joining, self._versions(joining)) if v == version]
         with self._lock:
-            ids = None if handles is None else {_id(h) for h in handles}
+            ids = {_id(h) for h in handles}
             for s in self.slots:
-                if s.state == "joining" and (ids is None or _id(s.handle) in ids):
+                if s.state == "joining" and _id(s.handle) in ids:
                     s.state, s.idle_since = "active", time.monotonic()
                     log.info("replacement engine joined the pool")
             held, self._pending = self._pending, []
             per_slot = self._route(held)
             self._update_degraded()
         self._send(per_slot)
+
+    def _versions(self, handles: list) -> list[int | None]:
+        """Each engine's weight version; None for one that died (its next check fails it)."""
+        out = []
+        for ref in [h.weight_version.remote() for h in handles]:
+            try:
+                out.append(ray.get(ref))
+            except ray.exceptions.RayActorError:
+                out.append(None)
+        return out
 
     def metrics(self) -> dict[str, float]:
         with self._lock:

@@ -221,7 +221,7 @@ class RolloutManager:
         if self._paused_engines:
             self.pool.resume()
             self._paused_engines = False
-        self.pool.on_weights()
+        self.pool.on_weights(version=version)
         with self._cond:
             self.flow.on_weights(version)
             self.flow.paused = False

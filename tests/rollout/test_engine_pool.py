@@ -37,3 +37,31 @@ def test_requests_routed_to_an_engine_that_fails_before_they_are_sent_go_to_anot
         assert not pool.slots[victim].inflight, "a request was left on the failed engine"
     finally:
         pool.shutdown()
+
+
+def test_a_replacement_that_missed_the_push_does_not_serve_until_it_has_the_weights(ray_session):
+    """A push goes to the engines listed when it starts; a replacement that becomes ready after that (the
+    dispatch thread's collect() moves it to joining) missed it. on_weights(version) must not make it serve the
+    weights it was started with: its tokens would be past the staleness bound, regenerated, and sent to it again."""
+    started = []
+
+    def factory(i):
+        started.append(ScriptedEngineActor.remote(seed=100 + i))
+        return started[-1]
+
+    first = ScriptedEngineActor.remote(seed=0)
+    pool = EnginePool([first, ScriptedEngineActor.remote(seed=1)], PoolSettings(health_interval_s=60.0), factory)
+    try:
+        pool._fail(pool.slots[0], "scripted failure")
+        deadline = time.monotonic() + 60
+        while not pool.joining():
+            assert time.monotonic() < deadline, "the replacement never started"
+            pool.collect(0.05)
+        ray_session.get(pool.slots[1].handle.update_weights_from_tensors.remote([], 5))  # the push's list: [survivor]
+        pool.on_weights(version=5)
+        assert pool.joining() == started, "a replacement that missed version 5 was made to serve"
+        ray_session.get(started[0].update_weights_from_tensors.remote([], 5))  # the next push reaches it
+        pool.on_weights(version=5)
+        assert not pool.joining() and [s.state for s in pool.slots] == ["active", "active"]
+    finally:
+        pool.shutdown()
