@@ -186,12 +186,15 @@ class EnginePool:
         self._send(per_slot)
 
     def _versions(self, handles: list) -> list[int | None]:
-        """Each engine's weight version; None for one that died (its next check fails it)."""
+        """Each engine's weight version; None for one that died or did not answer within the health timeout (it
+        stays joining, and its next health check fails it): a hung replacement must not hold up the push."""
+        refs = [h.weight_version.remote() for h in handles]
+        deadline = time.monotonic() + self.settings.health_timeout_s
         out = []
-        for ref in [h.weight_version.remote() for h in handles]:
+        for ref in refs:
             try:
-                out.append(ray.get(ref))
-            except ray.exceptions.RayActorError:
+                out.append(ray.get(ref, timeout=max(0.0, deadline - time.monotonic())))
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
                 out.append(None)
         return out
 

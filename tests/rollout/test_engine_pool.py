@@ -65,3 +65,40 @@ def test_a_replacement_that_missed_the_push_does_not_serve_until_it_has_the_weig
         assert not pool.joining() and [s.state for s in pool.slots] == ["active", "active"]
     finally:
         pool.shutdown()
+
+
+def test_a_replacement_that_hangs_before_the_push_does_not_hold_up_on_weights(ray_session):
+    """on_weights asks each joining replacement for its weight version; one that stopped answering stays joining
+    (its health check fails it later) and the push's other engines are not held up past the health timeout."""
+    started = []
+
+    def factory(i):
+        started.append(ScriptedEngineActor.remote(seed=100 + i))
+        return started[-1]
+
+    pool = EnginePool([ScriptedEngineActor.remote(seed=0), ScriptedEngineActor.remote(seed=1)],
+                      PoolSettings(health_interval_s=60.0, health_timeout_s=2.0), factory)
+    try:
+        pool._fail(pool.slots[0], "scripted failure")
+        deadline = time.monotonic() + 60
+        while not pool.joining():
+            assert time.monotonic() < deadline, "the replacement never started"
+            pool.collect(0.05)
+        ray_session.get(started[0].hang.remote())
+        t0 = time.monotonic()
+        pool.on_weights(version=1)
+        assert time.monotonic() - t0 < 10.0, "a hung replacement held on_weights"
+        assert pool.joining() == started
+    finally:
+        pool.shutdown()
+
+
+def test_a_pool_shut_down_starts_no_replacement(ray_session):
+    """The manager's shutdown gives its dispatch thread 30 s to stop; a health check already under way may still
+    fail an engine after the pool has shut down, and must not start an engine nobody will stop."""
+    started = []
+    pool = EnginePool([ScriptedEngineActor.remote()], factory=lambda i: started.append(i))
+    slot = pool.slots[0]
+    pool.shutdown()
+    pool._fail(slot, "its health check did not answer within 1s")  # the late check's verdict
+    assert started == [] and pool.counters["engine_failures"] == 1
