@@ -7,10 +7,12 @@ import contextlib
 import gc
 import logging
 import os
+import sys
 import threading
 import time
 
 import psutil
+import torch
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +46,8 @@ def start_engine(kwargs: dict, timeout_s: float):
     what = f"SGLang engine for {kwargs['model_path']}"
     contexts_before = _live_zmq_contexts()
     try:
-        engine = sglang.Engine(**kwargs)
+        with _children_forked(kwargs.get("device") == "cpu" and torch.get_num_threads() == 1):
+            engine = sglang.Engine(**kwargs)
     except BaseException as exc:
         done.set()
         _kill_new_children(me, before)
@@ -67,6 +70,63 @@ def start_engine(kwargs: dict, timeout_s: float):
 
 
 _KILL_PATCH_LOCK = threading.Lock()
+_START_METHOD_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _children_forked(fork: bool):
+    """With fork, SGLang's scheduler and detokenizer processes are forked instead of spawned.
+
+    SGLang forces the spawn start method (`_set_envs_and_config`) because CUDA cannot be used in a forked child;
+    spawned, each of the two imports torch and SGLang again. On CPU there is no CUDA state to inherit, and a fork
+    inherits the launching process's imports: the engine was ready in 4.2 s instead of 20.2 s (tiny GLM-5, idle
+    2-core box, same tokens out). Only from a process with one intra-op thread (an engine actor with num_cpus=1,
+    Ray's OMP_NUM_THREADS): a fork of a process whose OpenMP pool ran a parallel region hangs in the child's first
+    parallel region (GNU libgomp has no fork handler; seen in a test process that had run transformers' forward).
+    The start method is SGLang's again once the engine is up."""
+    if not fork:
+        yield
+        return
+    import multiprocessing as mp
+
+    import sglang.srt.entrypoints.engine as sglang_engine
+
+    original = sglang_engine._set_envs_and_config
+
+    def set_envs_and_config(*args, **kwargs):
+        original(*args, **kwargs)
+        mp.set_start_method("fork", force=True)
+
+    with _START_METHOD_LOCK, _titles_through_ray():
+        sglang_engine._set_envs_and_config = set_envs_and_config
+        try:
+            yield
+        finally:
+            sglang_engine._set_envs_and_config = original
+            mp.set_start_method("spawn", force=True)
+
+
+@contextlib.contextmanager
+def _titles_through_ray():
+    """In a Ray worker, forked children name themselves ("sglang::scheduler") through Ray's own setproctitle.
+
+    Ray retitles its workers with a vendored setproctitle that moves the process's argv; the `setproctitle`
+    package SGLang calls then changes nothing in a forked child, which kept the actor's title
+    ("ray::SGLangEngine.__init__"), so `ps`, and whatever finds an engine's scheduler by name, could not tell the
+    two apart. Children forked while this is active keep the redirect; the launching process gets the package's
+    function back."""
+    import setproctitle
+
+    raylet = sys.modules.get("ray._raylet")
+    if raylet is None or not hasattr(raylet, "setproctitle"):
+        yield
+        return
+    original = setproctitle.setproctitle
+    setproctitle.setproctitle = raylet.setproctitle
+    try:
+        yield
+    finally:
+        setproctitle.setproctitle = original
 
 
 @contextlib.contextmanager

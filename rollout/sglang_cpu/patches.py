@@ -78,6 +78,8 @@ RELIED_ON_NAMES: dict[tuple[str, str], str] = {
     ("sglang.srt.plugins", "GENERAL_PLUGINS_GROUP"): "the patches entry point in pyproject.toml",
     ("sglang.srt.entrypoints.engine", "Engine"): "rollout/engine.py",
     ("sglang.srt.managers.tokenizer_manager", "TokenizerManager"): "rollout/engine.py (abort_request)",
+    ("sglang.srt.entrypoints.engine", "_set_envs_and_config"): "rollout/sglang_process.py (CPU engines fork "
+                                                               "their scheduler and detokenizer)",
     ("sglang.srt.entrypoints.engine", "kill_process_tree"): "rollout/engine.py (shutdown kills only its own "
                                                             "processes)",
     ("sglang.srt.weight_sync.tensor_bucket", "FlattenedTensorMetadata"): "rollout/engine.py (load_bucket)",
