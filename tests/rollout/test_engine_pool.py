@@ -18,6 +18,25 @@ def _collect_all(pool: EnginePool, rids: set[str], timeout_s: float = 30.0) -> d
     return out
 
 
+def _pool_with_a_joining_replacement(**settings) -> tuple[EnginePool, list]:
+    """Two scripted engines; the first fails and its replacement (the returned list's one engine) becomes ready
+    and waits, joining, for weights."""
+    started = []
+
+    def factory(i):
+        started.append(ScriptedEngineActor.remote(seed=100 + i))
+        return started[-1]
+
+    pool = EnginePool([ScriptedEngineActor.remote(seed=0), ScriptedEngineActor.remote(seed=1)],
+                      PoolSettings(health_interval_s=60.0, **settings), factory)
+    pool._fail(pool.slots[0], "scripted failure")
+    deadline = time.monotonic() + 60
+    while not pool.joining():
+        assert time.monotonic() < deadline, "the replacement never started"
+        pool.collect(0.05)
+    return pool, started
+
+
 def test_requests_routed_to_an_engine_that_fails_before_they_are_sent_go_to_another(ray_session):
     """submit() routes under the pool's lock and sends after it: an engine failed in between (by the health check
     on the dispatch thread, or a pause on the loop's thread) must not swallow what was routed to it."""
@@ -43,20 +62,8 @@ def test_a_replacement_that_missed_the_push_does_not_serve_until_it_has_the_weig
     """A push goes to the engines listed when it starts; a replacement that becomes ready after that (the
     dispatch thread's collect() moves it to joining) missed it. on_weights(version) must not make it serve the
     weights it was started with: its tokens would be past the staleness bound, regenerated, and sent to it again."""
-    started = []
-
-    def factory(i):
-        started.append(ScriptedEngineActor.remote(seed=100 + i))
-        return started[-1]
-
-    first = ScriptedEngineActor.remote(seed=0)
-    pool = EnginePool([first, ScriptedEngineActor.remote(seed=1)], PoolSettings(health_interval_s=60.0), factory)
+    pool, started = _pool_with_a_joining_replacement()
     try:
-        pool._fail(pool.slots[0], "scripted failure")
-        deadline = time.monotonic() + 60
-        while not pool.joining():
-            assert time.monotonic() < deadline, "the replacement never started"
-            pool.collect(0.05)
         ray_session.get(pool.slots[1].handle.update_weights_from_tensors.remote([], 5))  # the push's list: [survivor]
         pool.on_weights(version=5)
         assert pool.joining() == started, "a replacement that missed version 5 was made to serve"
@@ -70,20 +77,8 @@ def test_a_replacement_that_missed_the_push_does_not_serve_until_it_has_the_weig
 def test_a_replacement_that_hangs_before_the_push_does_not_hold_up_on_weights(ray_session):
     """on_weights asks each joining replacement for its weight version; one that stopped answering stays joining
     (its health check fails it later) and the push's other engines are not held up past the health timeout."""
-    started = []
-
-    def factory(i):
-        started.append(ScriptedEngineActor.remote(seed=100 + i))
-        return started[-1]
-
-    pool = EnginePool([ScriptedEngineActor.remote(seed=0), ScriptedEngineActor.remote(seed=1)],
-                      PoolSettings(health_interval_s=60.0, health_timeout_s=2.0), factory)
+    pool, started = _pool_with_a_joining_replacement(health_timeout_s=2.0)
     try:
-        pool._fail(pool.slots[0], "scripted failure")
-        deadline = time.monotonic() + 60
-        while not pool.joining():
-            assert time.monotonic() < deadline, "the replacement never started"
-            pool.collect(0.05)
         ray_session.get(started[0].hang.remote())
         t0 = time.monotonic()
         pool.on_weights(version=1)
