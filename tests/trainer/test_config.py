@@ -24,7 +24,22 @@ def test_quickstart_composes_and_validates():
     assert cfg.warmup.steps > 0 and cfg.loop.mode == "async" and cfg.trainer.num_steps >= 1
     assert cfg.eval.at_start and cfg.eval.interval >= 1
     task_mix = parse_config(compose_config(["+experiment=task_mix"]))
-    assert (cfg.warmup, cfg.rollout, cfg.trainer) == (task_mix.warmup, task_mix.rollout, task_mix.trainer)
+    assert cfg.rollout == task_mix.rollout  # the same RL recipe; a longer warm-up and run (quickstart.yaml says why)
+    assert (cfg.warmup.lr, cfg.trainer.lr) == (task_mix.warmup.lr, task_mix.trainer.lr)
+    assert cfg.warmup.steps > task_mix.warmup.steps and cfg.trainer.num_steps > task_mix.trainer.num_steps
+
+
+def test_quickstart_evaluates_every_held_out_row_it_generates():
+    """eval.max_prompts cuts the eval rows (taken from each family in turn): it must not cut the quickstart's, and
+    each family must have that many distinct held-out tasks (factuality has 45)."""
+    from rewards.tasks import load_task_family
+
+    cfg = parse_config(compose_config(["+experiment=quickstart"]))
+    families = cfg.data.path.split(",")
+    assert cfg.eval.max_prompts >= len(families) * cfg.data.generated_eval_tasks
+    for name in families:
+        assert len(load_task_family(name).generate("heldout", cfg.data.generated_eval_tasks)) == \
+            cfg.data.generated_eval_tasks
 
 
 def test_smoke_composes_and_validates():
