@@ -29,11 +29,15 @@ def _pool_with_a_joining_replacement(**settings) -> tuple[EnginePool, list]:
 
     pool = EnginePool([ScriptedEngineActor.remote(seed=0), ScriptedEngineActor.remote(seed=1)],
                       PoolSettings(health_interval_s=60.0, **settings), factory)
-    pool._fail(pool.slots[0], "scripted failure")
-    deadline = time.monotonic() + 60
-    while not pool.joining():
-        assert time.monotonic() < deadline, "the replacement never started"
-        pool.collect(0.05)
+    try:
+        pool._fail(pool.slots[0], "scripted failure")
+        deadline = time.monotonic() + 60
+        while not pool.joining():
+            assert time.monotonic() < deadline, "the replacement never started"
+            pool.collect(0.05)
+    except BaseException:
+        pool.shutdown()  # the tests shut it down only once they have it
+        raise
     return pool, started
 
 
