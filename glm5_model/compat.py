@@ -69,12 +69,19 @@ def _install_no_te_shims() -> None:
     mla.HAVE_TE = False
 
 
+def mark_absent(*names: str) -> None:
+    """Makes `import name` raise ImportError (and importlib.util.find_spec answer None) in this process, for
+    CUDA-only packages that are installed but cannot serve on CPU. A package already imported is left alone."""
+    for name in names:
+        sys.modules.setdefault(name, None)  # type: ignore[arg-type]
+
+
 def _install_cpu_shims() -> None:
     # sglang installs sgl-flash-mla, whose import raises OSError without a GPU; megatron only catches ImportError.
-    # A None entry in sys.modules turns the import into the ImportError megatron expects.
-    for name in ("flash_mla",):
-        if name not in sys.modules:
-            sys.modules[name] = None  # type: ignore[assignment]
+    # A None entry in sys.modules turns the import into the ImportError megatron expects. FlashInfer (CUDA-only,
+    # also sglang's) imports fine but costs 2.3 s of the rank's start: megatron's inference context imports it
+    # behind try/except ImportError, for its fused rope, which training never uses.
+    mark_absent("flash_mla", "flashinfer")
 
     # Megatron allocates on `torch.cuda.current_device()` and seeds/tracks a "cuda" RNG; the CPU generator serves.
     torch.cuda.current_device = lambda: torch.device("cpu")  # type: ignore[assignment]

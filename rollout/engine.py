@@ -27,6 +27,7 @@ from pathlib import Path
 import ray
 import torch
 
+from glm5_model.compat import mark_absent
 from rollout.protocol import EngineHealth, EngineRequest, EngineResult, versions_from_spans
 from rollout.sglang_process import (EngineStartError, cpu_seconds, kill_process_trees,  # noqa: F401 (re-export)
                                     kills_only, process_problem, start_engine)
@@ -40,6 +41,13 @@ if not torch.cuda.is_available():
     # without one a CUDA build of torch makes it pick the CUDA platform. Must be set before sglang is imported
     # (SGLang reads it lazily, but its scheduler subprocesses inherit the environment from here).
     os.environ.setdefault("SGLANG_PLATFORM", "slipstream_cpu")
+    # FlashInfer is CUDA-only, but SGLang's quantization modules import it (and, through it, CUTLASS and ml_dtypes)
+    # whenever it is installed, behind try/except ImportError: 1.3 s of one core per engine start. Marked absent,
+    # as it is to SGLang's own availability check on CPU (is_flashinfer_available); find_spec answers None.
+    mark_absent("flashinfer")
+# SGLang's model registry starts from our GLM classes instead of importing all of its model modules (3.3 s of one
+# core per engine start; rollout/sglang_models/__init__.py). Read when sglang.srt.models.registry is imported.
+os.environ.setdefault("SGLANG_EXTERNAL_MODEL_PACKAGE", "rollout.sglang_models")
 
 ENGINE_START_TIMEOUT_S = float(os.environ.get("SLIPSTREAM_ENGINE_START_TIMEOUT_S", "300"))
 _FLUSH_RETRIES = 10

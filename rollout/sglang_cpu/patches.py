@@ -86,6 +86,8 @@ RELIED_ON_NAMES: dict[tuple[str, str], str] = {
     ("sglang.srt.utils", "MultiprocessingSerializer"): "rollout/engine.py (load_bucket)",
     ("sglang.srt.utils", "init_custom_process_group"): "trainer/weight_sync/sender.py (the sending end of a "
                                                        "weight-update group)",
+    ("sglang.srt.models.registry", "import_model_classes"): "rollout/sglang_models (SGLANG_EXTERNAL_MODEL_PACKAGE, "
+                                                            "set in rollout/engine.py)",
 }
 
 _lock = threading.Lock()
@@ -186,15 +188,15 @@ def _patch_dsa_off() -> None:
     is_deepseek_dsa.__wrapped__ = original
     model_config.is_deepseek_dsa = is_deepseek_dsa
     # `from sglang.srt.configs.model_config import is_deepseek_dsa` made copies in modules already imported;
-    # modules imported later bind the patched function. Swap every existing copy of the original.
+    # modules imported later bind the patched function. Swap every existing copy of the original. A copy lives in
+    # the module's __dict__: looking there, not with getattr, keeps lazy modules' __getattr__ out of it
+    # (transformers' imported ~200 submodules, timm among them, for 2.5 s of one core per engine start).
     for module in list(sys.modules.values()):
         if module is None or module is model_config:
             continue
-        try:
-            if getattr(module, "is_deepseek_dsa", None) is original:
-                module.is_deepseek_dsa = is_deepseek_dsa
-        except Exception:  # lazy/proxy modules can raise on attribute access; they hold no copy we need
-            continue
+        namespace = getattr(module, "__dict__", None)
+        if isinstance(namespace, dict) and namespace.get("is_deepseek_dsa") is original:
+            module.is_deepseek_dsa = is_deepseek_dsa
 
 
 def _warn_if_context_exceeds_topk(config, warned: set[int]) -> None:

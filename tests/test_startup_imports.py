@@ -1,0 +1,50 @@
+"""Imports kept off the start-up path (bench/startup.py), each checked in a fresh interpreter: what an engine or a
+trainer rank imports before it can serve is most of a run's start-up on 2 cores."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU start-up path")
+
+
+def _run(code: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_an_engine_resolves_glm_without_importing_sglangs_other_models():
+    facts = _run("""
+import importlib.util, json, sys
+import rollout.engine
+from sglang.srt.models.registry import ModelRegistry
+glm5 = ModelRegistry.resolve_model_cls(["GlmMoeDsaForCausalLM"])[1]
+glm45 = ModelRegistry.resolve_model_cls(["Glm4MoeForCausalLM"])[1]
+before = sorted(m for m in sys.modules if m.startswith("sglang.srt.models.") and m.count(".") == 3)
+llama = ModelRegistry.resolve_model_cls(["LlamaForCausalLM"])[1]
+print(json.dumps({"glm5": glm5, "glm45": glm45, "models_imported": before, "llama": llama,
+                  "flashinfer_found": importlib.util.find_spec("flashinfer") is not None}))
+""")
+    assert (facts["glm5"], facts["glm45"]) == ("GlmMoeDsaForCausalLM", "Glm4MoeForCausalLM")
+    # glm4_moe and what it builds on (deepseek_v2, ...), not SGLang's ~250 model modules
+    assert len(facts["models_imported"]) < 15, facts["models_imported"]
+    assert facts["llama"] == "LlamaForCausalLM", "an architecture outside rollout/sglang_models must still resolve"
+    assert not facts["flashinfer_found"]
+
+
+def test_a_trainer_rank_imports_megatron_without_flashinfer():
+    facts = _run("""
+import json, sys
+from glm5_model.compat import install_compat
+install_compat()
+import megatron.core.inference.contexts.dynamic_context as ctx
+print(json.dumps({"flashinfer_loaded": sys.modules.get("flashinfer") is not None, "have": ctx.HAVE_FLASHINFER}))
+""")
+    assert facts == {"flashinfer_loaded": False, "have": False}
