@@ -86,12 +86,11 @@ class RolloutManager:
         """`rewards` score single-turn rows, except rows whose task has its own in `task_rewards`.
         `engine_handles`/`engine_factory`: engines started elsewhere and how to start a replacement (tests);
         by default the manager starts `engines.count` SGLang engines and replaces failed ones itself."""
-        from transformers import AutoTokenizer
-
+        from glm5_model.tokenizer import load_tokenizer
         from glm5_model.tokenizer.build import stop_token_ids
 
         self.cfg, self.loop_cfg = rollout, loop
-        self.tokenizer = AutoTokenizer.from_pretrained(engines.model_path)
+        self.tokenizer = load_tokenizer(engines.model_path)
         self.sampling = SamplingSettings(rollout.max_new_tokens, rollout.temperature, rollout.top_p,
                                          tuple(stop_token_ids(self.tokenizer)))
         self.data = make_source(data, rows)

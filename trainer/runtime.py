@@ -58,13 +58,12 @@ class Runtime:
     def start(cls, cfg: RunConfig, manager_actor=RolloutManagerActor) -> "Runtime":
         """Everything up: checks (before Ray), Ray, the rollout manager (`manager_actor`: RolloutManagerActor or a
         Ray actor class of a RolloutManager subclass) with its engines, the trainer ranks, W&B."""
-        from transformers import AutoTokenizer
-
+        from glm5_model.tokenizer import load_tokenizer
         from glm5_model.tokenizer.build import stop_token_ids
 
         startup = StartupClock()  # measured in bench/startup.py
         checkpoint = ensure_checkpoint(cfg.model.preset, resolve_path(cfg.model.checkpoint_dir), cfg.model.init_seed)
-        tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
+        tokenizer = load_tokenizer(checkpoint)
         data = load_data(cfg.data, tokenizer)  # the validation pass: strict mode stops here, before Ray starts
         if cfg.eval.interval and not data.eval:
             raise ConfigError("eval.interval: the data has no eval rows; set data.eval_path, data.eval_split or "
