@@ -17,6 +17,7 @@ each request finishes; `score` scores each group as soon as all its samples are 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import queue
 import threading
@@ -84,7 +85,7 @@ class RolloutManager:
                  engine_handles: list | None = None, engine_factory=None,
                  task_rewards: dict[str, list[RewardSpec]] | None = None):
         """`rewards` score single-turn rows, except rows whose task has its own in `task_rewards`.
-        `engine_handles`/`engine_factory`: engines started elsewhere and how to start a replacement (tests);
+        `engine_handles`/`engine_factory`: engines started elsewhere (start_engines) and how to start a replacement;
         by default the manager starts `engines.count` SGLang engines and replaces failed ones itself."""
         from glm5_model.tokenizer import load_tokenizer
         from glm5_model.tokenizer.build import stop_token_ids
@@ -101,8 +102,8 @@ class RolloutManager:
         self.reward_names = {None: [r.name for r in rewards],
                              **{task: [r.name for r in specs] for task, specs in (task_rewards or {}).items()}}
         if engine_handles is None:
-            handles = [_start_engine(engines, i) for i in range(engines.count)]
-            engine_factory = engine_factory or (lambda i: _start_engine(engines, i))
+            handles = start_engines(engines)
+            engine_factory = engine_factory or functools.partial(start_engine, engines)
         else:
             handles = engine_handles
         self.pool = EnginePool(handles, PoolSettings(rollout.health_interval_s, rollout.health_timeout_s,
@@ -461,7 +462,13 @@ class RolloutManager:
         return run
 
 
-def _start_engine(spec: EngineSpec, i: int):
+def start_engines(spec: EngineSpec) -> list:
+    """Starts `spec.count` SGLang engine actors; returns their handles at once (each comes up on its own)."""
+    return [start_engine(spec, i) for i in range(spec.count)]
+
+
+def start_engine(spec: EngineSpec, i: int):
+    """The i-th engine of `spec` (a replacement reuses the index of the engine it replaces)."""
     from rollout.engine import RolloutEngineActor
 
     return RolloutEngineActor.options(num_cpus=spec.cpus).remote(

@@ -2,6 +2,7 @@
 actor), the Megatron trainer ranks, the weight push between them, run checkpoints and logging."""
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -15,7 +16,8 @@ from rewards import RewardSpec, RunnerSettings
 from rollout.data import PromptRow, load_data
 from rollout.data.formats import family_rewards
 from rollout.generation import SamplingSettings
-from rollout.manager import EngineSpec, EnginesJoining, RolloutBatch, RolloutManagerActor
+from rollout.manager import (EngineSpec, EnginesJoining, RolloutBatch, RolloutManagerActor, start_engine,
+                             start_engines)
 from trainer.batching import train_items
 from trainer.config import ConfigError, RunConfig, resolve_path
 from trainer.console import RunConsole
@@ -88,10 +90,14 @@ class Runtime:
         r, term_cfg = cfg.rollout, cfg.reward
         engines = EngineSpec(str(checkpoint), r.num_engines, cfg.model.dtype, r.max_total_tokens, cfg.trainer.seed,
                              r.engine_start_timeout_s, r.engine_cpus)
+        # The engines first: theirs is the longest start (SGLang's imports, one core each), and the manager and
+        # the trainer ranks start beside it instead of before it (bench/startup.py).
+        engine_handles = start_engines(engines)
         rollout = manager_actor.options(num_cpus=0).remote(
             r, cfg.loop, cfg.data, data.train, engines,
             [RewardSpec(t.name, t.weight, t.kwargs) for t in term_cfg.terms()],
             RunnerSettings(term_cfg.timeout_s, term_cfg.max_concurrency, term_cfg.fallback_score, term_cfg.cache_size),
+            engine_handles=engine_handles, engine_factory=functools.partial(start_engine, engines),
             task_rewards=_task_rewards(cfg))
         trainer = TrainerGroup(cfg.trainer, str(checkpoint), layer_spec=cfg.model.layer_spec,
                                temperature=r.temperature)
