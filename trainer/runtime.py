@@ -79,8 +79,11 @@ class Runtime:
             r = cfg.rollout
             needed = r.num_engines * r.engine_cpus + cfg.trainer.world_size * cfg.trainer.cpus_per_rank
             # Logical CPUs: actors mostly wait on each other, so we let them share the physical cores.
+            # In the environment Ray's processes inherit, not a runtime_env: actors with a runtime_env of their own
+            # cannot take the workers Ray starts ahead with ray.init (each actor waited ~0.7 s longer to begin).
+            os.environ["PYTHONWARNINGS"] = QUIET_WARNINGS
             ray.init(num_cpus=max(int(needed) + 1, os.cpu_count() or 1), include_dashboard=False,
-                     log_to_driver=True, runtime_env={"env_vars": {"PYTHONWARNINGS": QUIET_WARNINGS}})
+                     log_to_driver=True)
         startup.mark("ray")
         if cfg.warmup.steps:  # supervised warm-up on demonstrations (cached): RL starts from its weights
             from trainer.warmup import warm_up
@@ -101,13 +104,18 @@ class Runtime:
             task_rewards=_task_rewards(cfg))
         trainer = TrainerGroup(cfg.trainer, str(checkpoint), layer_spec=cfg.model.layer_spec,
                                temperature=r.temperature)
-        startup.mark("trainer_ranks")  # the engines start meanwhile (the manager starts them)
-        ray.get(rollout.ready.remote())  # engines are up
-        startup.mark("engines")  # what is left of their start once the ranks are up
-        wandb_run = init_wandb(cfg, resume_id=saved.get("wandb_run_id") if saved else None)
+        startup.mark("trainer_ranks")  # the engines start meanwhile
+        wandb_run = init_wandb(cfg, resume_id=saved.get("wandb_run_id") if saved else None)  # engines still starting
+        startup.mark("wandb")
+        try:
+            ray.get(rollout.ready.remote())  # engines are up
+        except BaseException:
+            if wandb_run is not None:
+                wandb_run.finish(exit_code=1)
+            raise
+        startup.mark("engines")  # what is left of their start once the ranks and W&B are up
         if wandb_run is not None and cfg.warmup.steps and saved is None:
             log_warmup(wandb_run, checkpoint)
-        startup.mark("wandb")
         return cls(cfg, rollout, trainer, wandb_run, data.eval, (resume_from, saved) if saved else None,
                    tuple(stop_token_ids(tokenizer)), startup)
 
