@@ -81,7 +81,9 @@ class Runtime:
             # Logical CPUs: actors mostly wait on each other, so we let them share the physical cores.
             # In the environment Ray's processes inherit, not a runtime_env: actors with a runtime_env of their own
             # cannot take the workers Ray starts ahead with ray.init (each actor waited ~0.7 s longer to begin).
-            os.environ["PYTHONWARNINGS"] = QUIET_WARNINGS
+            user_filters = os.environ.get("PYTHONWARNINGS", "")
+            if QUIET_WARNINGS not in user_filters:
+                os.environ["PYTHONWARNINGS"] = ",".join(filter(None, (user_filters, QUIET_WARNINGS)))
             ray.init(num_cpus=max(int(needed) + 1, os.cpu_count() or 1), include_dashboard=False,
                      log_to_driver=True)
         startup.mark("ray")
