@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from glm5_model.presets import preset_config
 from glm5_model.tokenizer.build import TINY_DIR as TINY_TOKENIZER_DIR
+
+if TYPE_CHECKING:
+    import torch
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -21,6 +23,9 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
 def make_random_checkpoint(preset: str, out_dir: str | Path, seed: int = 0, overrides: dict | None = None) -> Path:
     """Writes a randomly initialised model of `preset` (with config `overrides`) to `out_dir`, an HF-format
     checkpoint directory."""
+    # torch here, not at the top: the driver imports this module before its engines start (trainer/launch.py)
+    # and, with the checkpoint already built, needs no torch there.
+    import torch
     import transformers
 
     out_dir = Path(out_dir)

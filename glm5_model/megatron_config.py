@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+# torch only inside the functions that build Megatron configs: the driver's config check imports this module for
+# pipeline_stage_layers before its engines start (trainer/launch.py), and needs no torch there.
+if TYPE_CHECKING:
+    import torch
 
 # HF fields that change the math and that this mapping knows how to express; anything else that would alter
 # the model is rejected by name instead of being ignored.
@@ -106,6 +109,8 @@ def moe_layer_pattern(hf: dict[str, Any]) -> list[int]:
 def _moe_and_parallel_fields(hf: dict[str, Any], layout: ParallelLayout, params_dtype: torch.dtype,
                              bias_update_rate: float = 0.0, grouped_experts: bool = False) -> dict:
     """What GLM-5 and GLM-4.5 share: the sigmoid-routed MoE with a shared expert, SwiGLU, norms, parallelism."""
+    import torch
+
     return dict(
         num_layers=hf["num_hidden_layers"],
         hidden_size=hf["hidden_size"],
@@ -179,12 +184,15 @@ def rope_settings(hf: dict[str, Any]) -> dict[str, Any]:
 
 
 def to_transformer_config(hf: dict[str, Any], layout: ParallelLayout = ParallelLayout(),
-                          params_dtype: torch.dtype = torch.float32, bias_update_rate: float = 0.0,
+                          params_dtype: torch.dtype | None = None, bias_update_rate: float = 0.0,
                           grouped_experts: bool = False):
     """`bias_update_rate` > 0 turns on the auxiliary-loss-free expert-bias update (0 keeps the checkpoint's
     selection bias fixed, the usual choice in RL). `grouped_experts` runs a layer's local experts as one grouped
-    GEMM (TransformerEngine's GroupedLinear)."""
+    GEMM (TransformerEngine's GroupedLinear). `params_dtype`: float32 when None."""
+    import torch
     from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+    params_dtype = torch.float32 if params_dtype is None else params_dtype
 
     check_supported(hf)
     if is_glm45(hf):

@@ -63,3 +63,26 @@ fused(torch.ones(4))
 print(json.dumps({"frames_compiled": du.counters["frames"]["total"]}))
 """)
     assert facts == {"frames_compiled": 0}
+
+
+def test_the_driver_checks_its_config_and_data_without_importing_torch(tiny_checkpoint):
+    """trainer/launch.py starts the engines before the driver needs torch (its import runs in a thread meanwhile):
+    the config checks, the checkpoint, tokenizer and data checks and the modules launch imports leave torch out."""
+    facts = _run(f"""
+import json, sys
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from trainer.config import parse_config
+with initialize_config_dir(config_dir={str(REPO / "conf")!r}, version_base=None):
+    raw = compose(config_name="config", overrides=["+experiment=quickstart", "model.checkpoint_dir={tiny_checkpoint}"])
+cfg = parse_config(OmegaConf.to_container(raw, resolve=True))
+import trainer.launch
+from glm5_model.hf_checkpoint import ensure_checkpoint
+from glm5_model.tokenizer import load_tokenizer
+from rollout.data import load_data
+checkpoint = ensure_checkpoint(cfg.model.preset, {str(tiny_checkpoint)!r}, cfg.model.init_seed)
+data = load_data(cfg.data, load_tokenizer(checkpoint))
+trainer.launch.task_rewards(cfg)
+print(json.dumps({{"rows": len(data.train) > 0, "torch": "torch" in sys.modules}}))
+""")
+    assert facts == {"rows": True, "torch": False}

@@ -23,9 +23,12 @@ log = logging.getLogger("slipstream")
 
 def run(cfg: RunConfig, **start_options) -> list[dict[str, float]]:
     """Runs the loop; returns each step's metrics (what W&B gets)."""
+    from trainer.launch import launch
+
+    launched = launch(cfg, **start_options)                  # checks, Ray, the engines starting (no torch yet)
     from trainer.runtime import Runtime
 
-    rt = Runtime.start(cfg, **start_options)
+    rt = Runtime.start(cfg, launched)                        # the trainer ranks, W&B; waits for the engines
     history: list[dict[str, float]] = []
     try:
         start = rt.resume()                                  # the newest run checkpoint, if any; generation starts

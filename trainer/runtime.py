@@ -2,44 +2,28 @@
 actor), the Megatron trainer ranks, the weight push between them, run checkpoints and logging."""
 from __future__ import annotations
 
-import functools
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
 import ray
 
-from glm5_model.hf_checkpoint import ensure_checkpoint
-from rewards import RewardSpec, RunnerSettings
-from rollout.data import PromptRow, load_data
-from rollout.data.formats import family_rewards
+from rollout.data import PromptRow
 from rollout.generation import SamplingSettings
-from rollout.manager import (EngineSpec, EnginesJoining, RolloutBatch, RolloutManagerActor, start_engine,
-                             start_engines)
+from rollout.manager import EnginesJoining, RolloutBatch
 from trainer.batching import train_items
 from trainer.config import ConfigError, RunConfig, resolve_path
 from trainer.console import RunConsole
 from trainer.group import TrainerGroup
 from trainer.advantages import batch_advantages
-from trainer.run_checkpoint import check_resumable, latest_checkpoint, read_run_state, save_checkpoint
+from trainer.launch import Launched
+from trainer.run_checkpoint import save_checkpoint
 from trainer.step_clock import StartupClock, StepClock, split_summary
 from trainer.wandb_log import init_wandb, log_step, log_warmup
 from trainer.weight_sync.strategies import build_weight_sync
 
 log = logging.getLogger("slipstream")
-
-
-# Warnings the actors' libraries print at import on every CPU run, none of which a user can act on: no
-# TransformerEngine/Apex (CPU), SGLang's GPU-only quantization and Triton notices, torch deprecations inside
-# SGLang and Megatron. PYTHONWARNINGS reaches the actors and SGLang's scheduler processes (each message is matched
-# at its start); every other warning still shows.
-QUIET_WARNINGS = ",".join(f"ignore:{message}" for message in (
-    "Transformer Engine and Apex are not installed", "Apex is not installed",
-    "Only CUDA",  # ... HIP and XPU support AWQ / MUSA and NPU support GGUF (a comma would end the filter)
-    "Triton is not supported on current platform", "full scope is deprecated",
-    "`torch.jit.script_method` is deprecated", "`torch.distributed.reduce_op` is deprecated"))
 
 
 class Runtime:
@@ -57,69 +41,27 @@ class Runtime:
         self.startup: StartupClock | None = startup  # logged with the first step, then dropped
 
     @classmethod
-    def start(cls, cfg: RunConfig, manager_actor=RolloutManagerActor) -> "Runtime":
-        """Everything up: checks (before Ray), Ray, the rollout manager (`manager_actor`: RolloutManagerActor or a
-        Ray actor class of a RolloutManager subclass) with its engines, the trainer ranks, W&B."""
-        from glm5_model.tokenizer import load_tokenizer
-        from glm5_model.tokenizer.build import stop_token_ids
-
-        startup = StartupClock()  # measured in bench/startup.py
-        checkpoint = ensure_checkpoint(cfg.model.preset, resolve_path(cfg.model.checkpoint_dir), cfg.model.init_seed)
-        tokenizer = load_tokenizer(checkpoint)
-        data = load_data(cfg.data, tokenizer)  # the validation pass: strict mode stops here, before Ray starts
-        if cfg.eval.interval and not data.eval:
-            raise ConfigError("eval.interval: the data has no eval rows; set data.eval_path, data.eval_split or "
-                              "data.eval_fraction")
-        resume_from = latest_checkpoint(resolve_path(cfg.output_dir)) if cfg.checkpoint.resume else None
-        saved = read_run_state(resume_from) if resume_from else None
-        if saved is not None:
-            check_resumable(resume_from, saved, cfg.rollout)
-        startup.mark("checks")  # the initial checkpoint, tokenizer, data, the run checkpoint to resume
-        if not ray.is_initialized():
-            r = cfg.rollout
-            needed = r.num_engines * r.engine_cpus + cfg.trainer.world_size * cfg.trainer.cpus_per_rank
-            # Logical CPUs: actors mostly wait on each other, so we let them share the physical cores.
-            # In the environment Ray's processes inherit, not a runtime_env: actors with a runtime_env of their own
-            # cannot take the workers Ray starts ahead with ray.init (each actor waited ~0.7 s longer to begin).
-            user_filters = os.environ.get("PYTHONWARNINGS", "")
-            if QUIET_WARNINGS not in user_filters:
-                os.environ["PYTHONWARNINGS"] = ",".join(filter(None, (user_filters, QUIET_WARNINGS)))
-            ray.init(num_cpus=max(int(needed) + 1, os.cpu_count() or 1), include_dashboard=False,
-                     log_to_driver=True)
-        startup.mark("ray")
-        if cfg.warmup.steps:  # supervised warm-up on demonstrations (cached): RL starts from its weights
-            from trainer.warmup import warm_up
-
-            checkpoint = warm_up(cfg, checkpoint, data.train, tokenizer)
-            startup.mark("warmup")
-        r, term_cfg = cfg.rollout, cfg.reward
-        engines = EngineSpec(str(checkpoint), r.num_engines, cfg.model.dtype, r.max_total_tokens, cfg.trainer.seed,
-                             r.engine_start_timeout_s, r.engine_cpus)
-        # The engines first: theirs is the longest start (SGLang's imports, one core each), and the manager and
-        # the trainer ranks start beside it instead of before it (bench/startup.py).
-        engine_handles = start_engines(engines)
-        rollout = manager_actor.options(num_cpus=0).remote(
-            r, cfg.loop, cfg.data, data.train, engines,
-            [RewardSpec(t.name, t.weight, t.kwargs) for t in term_cfg.terms()],
-            RunnerSettings(term_cfg.timeout_s, term_cfg.max_concurrency, term_cfg.fallback_score, term_cfg.cache_size),
-            engine_handles=engine_handles, engine_factory=functools.partial(start_engine, engines),
-            task_rewards=_task_rewards(cfg))
-        trainer = TrainerGroup(cfg.trainer, str(checkpoint), layer_spec=cfg.model.layer_spec,
-                               temperature=r.temperature)
+    def start(cls, cfg: RunConfig, launched: Launched) -> "Runtime":
+        """The trainer's side of the start (trainer/launch.py did the checks, Ray and the engines): the Megatron
+        ranks and W&B while the engines come up, then waits for the engines."""
+        startup, saved = launched.startup, launched.resume_from[1] if launched.resume_from else None
+        startup.mark("driver_imports")  # trainer/runtime.py and what it imports (torch), the engines starting
+        trainer = TrainerGroup(cfg.trainer, str(launched.checkpoint), layer_spec=cfg.model.layer_spec,
+                               temperature=cfg.rollout.temperature)
         startup.mark("trainer_ranks")  # the engines start meanwhile
         wandb_run = init_wandb(cfg, resume_id=saved.get("wandb_run_id") if saved else None)  # engines still starting
         startup.mark("wandb")
         try:
-            ray.get(rollout.ready.remote())  # engines are up
+            ray.get(launched.rollout.ready.remote())  # engines are up
         except BaseException:
             if wandb_run is not None:
                 wandb_run.finish(exit_code=1)
             raise
         startup.mark("engines")  # what is left of their start once the ranks and W&B are up
         if wandb_run is not None and cfg.warmup.steps and saved is None:
-            log_warmup(wandb_run, checkpoint)
-        return cls(cfg, rollout, trainer, wandb_run, data.eval, (resume_from, saved) if saved else None,
-                   tuple(stop_token_ids(tokenizer)), startup)
+            log_warmup(wandb_run, launched.checkpoint)
+        return cls(cfg, launched.rollout, trainer, wandb_run, launched.eval_rows, launched.resume_from,
+                   launched.stop_token_ids, startup)
 
     def resume(self) -> int:
         """Restores the newest run checkpoint, if resuming (trainer state, the rollout manager's prompts, groups
@@ -362,14 +304,6 @@ def _task_summary(m: dict[str, float], prefix: str) -> str:
     parts += [f"{t} halluc {m[f'{prefix}/{t}/hallucination_rate']:.2f}" for t in tasks
               if f"{prefix}/{t}/hallucination_rate" in m]
     return f" [{', '.join(parts)}]" if parts else ""
-
-
-def _task_rewards(cfg: RunConfig) -> dict[str, list[RewardSpec]]:
-    """Rewards by row task: a generated task family's own (data.format=tasks), then reward.by_task."""
-    families = family_rewards(cfg.data.path) if cfg.data.format == "tasks" else {}
-    out = {task: [RewardSpec(name, 1.0, kwargs)] for task, (name, kwargs) in families.items()}
-    out.update({task: [RewardSpec(t.name, 1.0, t.kwargs)] for task, t in cfg.reward.by_task.items()})
-    return out
 
 
 def _eval_summary(metrics: dict[str, float]) -> str:

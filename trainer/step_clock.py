@@ -57,8 +57,9 @@ def split_summary(m: dict[str, float]) -> str:
 
 
 class StartupClock:
-    """Start-up to the first step, by phase: the process's own start (interpreter and imports) to `Runtime.start`,
-    then each phase it times, until the first step begins. Logged once, with the first step's metrics."""
+    """Start-up to the first step, by phase: the process's own start (interpreter and imports) to
+    trainer/launch.py's `launch`, then each phase it times, until the first step begins. Logged once, with the
+    first step's metrics."""
 
     def __init__(self, process_start: float | None = None, now=time.time):
         import psutil

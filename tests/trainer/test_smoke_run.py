@@ -24,7 +24,7 @@ def test_smoke_run_runs_and_logs(tmp_path):
                  f"hydra.run.dir={tmp_path / 'hydra'}", "data.eval_fraction=0.25", "eval.interval=2"], timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     console = proc.stdout + proc.stderr
-    # The libraries' CPU notices are filtered in every actor (runtime.QUIET_WARNINGS), and the filter parses.
+    # The libraries' CPU notices are filtered in every actor (launch.QUIET_WARNINGS), and the filter parses.
     assert "Warning:" not in console and "Invalid -W option" not in console, console[-5000:]
     steps = [line for line in proc.stdout.splitlines() if line.startswith("step ")]
     assert [s.split()[1] for s in steps] == ["1/2", "2/2"], proc.stdout[-3000:]
