@@ -53,10 +53,9 @@ def launch(cfg: RunConfig, manager_actor=RolloutManagerActor) -> Launched:
 
     startup = StartupClock()  # measured in bench/startup.py
     # The engine actor's class module and the trainer's side import torch (1.2 s of one core in this process):
-    # imported in a thread meanwhile, mostly while ray.init waits for Ray's processes, so the engines can start
-    # as soon as Ray is up. Nothing on this thread's path until then needs them.
-    prefetch = threading.Thread(target=_import_heavy_modules, name="slipstream-import-prefetch", daemon=True)
-    prefetch.start()
+    # imported in a thread from here on, beside the checks and ray.init (which hold the GIL only part of the
+    # time), so the engines can start as soon as Ray is up. Nothing on this thread's path until then needs them.
+    threading.Thread(target=_import_heavy_modules, name="slipstream-import-prefetch", daemon=True).start()
     checkpoint = ensure_checkpoint(cfg.model.preset, resolve_path(cfg.model.checkpoint_dir), cfg.model.init_seed)
     tokenizer = load_tokenizer(checkpoint)
     data = load_data(cfg.data, tokenizer)  # the validation pass: strict mode stops here, before Ray starts
