@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
 import sys
 
 import torch
@@ -78,11 +77,12 @@ def mark_absent(*names: str) -> None:
 
 
 def disable_torch_compile() -> None:
-    """torch.compile'd functions run eagerly in this process (and its children, through the environment)."""
-    os.environ["TORCH_COMPILE_DISABLE"] = "1"  # read when torch._dynamo.config is first imported
-    dynamo = sys.modules.get("torch._dynamo")
-    if dynamo is not None:  # already imported (transformers imports it): its config is read at call time
-        dynamo.config.disable = True
+    """torch.compile'd functions run eagerly in this process (torch._dynamo reads the flag at call time). Not
+    through TORCH_COMPILE_DISABLE: the environment would carry it into every process this one starts (a test
+    process's `python -m trainer.main` runs, and through Ray their engines)."""
+    import torch._dynamo  # Megatron's import (torch.compile decorators) imports it anyway
+
+    torch._dynamo.config.disable = True
 
 
 def _install_cpu_shims() -> None:
