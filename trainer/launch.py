@@ -55,7 +55,8 @@ def launch(cfg: RunConfig, manager_actor=RolloutManagerActor) -> Launched:
     # The engine actor's class module and the trainer's side import torch (1.2 s of one core in this process):
     # imported in a thread from here on, beside the checks and ray.init (which hold the GIL only part of the
     # time), so the engines can start as soon as Ray is up. Nothing on this thread's path until then needs them.
-    threading.Thread(target=_import_heavy_modules, name="slipstream-import-prefetch", daemon=True).start()
+    prefetch = threading.Thread(target=_import_heavy_modules, name="slipstream-import-prefetch", daemon=True)
+    prefetch.start()
     checkpoint = ensure_checkpoint(cfg.model.preset, resolve_path(cfg.model.checkpoint_dir), cfg.model.init_seed)
     tokenizer = load_tokenizer(checkpoint)
     data = load_data(cfg.data, tokenizer)  # the validation pass: strict mode stops here, before Ray starts
@@ -79,6 +80,10 @@ def launch(cfg: RunConfig, manager_actor=RolloutManagerActor) -> Launched:
         ray.init(num_cpus=max(int(needed) + 1, os.cpu_count() or 1), include_dashboard=False, log_to_driver=True)
     startup.mark("ray")
     if cfg.warmup.steps:  # supervised warm-up on demonstrations (cached): RL starts from its weights
+        # The warm-up imports much of what the thread does (torch, the trainer group): let it finish first, so
+        # the two threads never import the same packages at once (Python then hands one of them a partially
+        # initialised module when it sees a cycle). The warm-up's own time dwarfs what the overlap would save.
+        prefetch.join()
         from trainer.warmup import warm_up
 
         checkpoint = warm_up(cfg, checkpoint, data.train, tokenizer)
