@@ -468,7 +468,7 @@ def start_engines(spec: EngineSpec) -> list:
 
 
 def start_engine(spec: EngineSpec, i: int):
-    """The i-th engine of `spec` (a replacement reuses the index of the engine it replaces)."""
+    """The i-th engine started for `spec` (replacements continue the count; i also offsets the seed)."""
     from rollout.engine import RolloutEngineActor
 
     return RolloutEngineActor.options(num_cpus=spec.cpus).remote(
