@@ -23,28 +23,20 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import ray
-import torch
 
-from glm5_model.compat import mark_absent
 from rollout.protocol import EngineHealth, EngineRequest, EngineResult, versions_from_spans
 from rollout.sglang_process import (EngineStartError, cpu_seconds, kill_process_trees,  # noqa: F401 (re-export)
                                     kills_only, process_problem, start_engine)
-from rollout.weight_protocol import BucketLayout, verify_check
-from rollout.weight_receiver import READBACK_PREFIX, VERIFIED_MARKER
+from rollout.weight_protocol import READBACK_PREFIX, VERIFIED_MARKER, BucketLayout, verify_check
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
-if not torch.cuda.is_available():
-    # Select our platform explicitly: SGLang refuses to guess when several platform plugins are installed, and
-    # without one a CUDA build of torch makes it pick the CUDA platform. Must be set before sglang is imported
-    # (SGLang reads it lazily, but its scheduler subprocesses inherit the environment from here).
-    os.environ.setdefault("SGLANG_PLATFORM", "slipstream_cpu")
-    # FlashInfer is CUDA-only, but SGLang's quantization modules import it (and, through it, CUTLASS and ml_dtypes)
-    # whenever it is installed, behind try/except ImportError: 1.3 s of one core per engine start. Marked absent,
-    # as it is to SGLang's own availability check on CPU (is_flashinfer_available); find_spec answers None.
-    mark_absent("flashinfer")
 # SGLang's model registry starts from our GLM classes instead of importing all of its ~250 model modules (an
 # engine's scheduler starts in 1.4 s instead of 2.5 s; rollout/sglang_models/__init__.py). Read when
 # sglang.srt.models.registry is imported, here or in the scheduler, which inherits the environment.
@@ -55,16 +47,6 @@ _FLUSH_RETRIES = 10
 # A health check's request that times out while the engine's processes used at least this share of the wait in CPU
 # time is queued behind work, not hung (see health()).
 _BUSY_CPU_FRACTION = 0.1
-
-if not torch.cuda.is_available():
-    # Bucketed weight pushes hand CPU tensors between unrelated processes (a trainer rank, this engine, SGLang's
-    # scheduler) as shared-memory handles. The default fd-passing strategy authenticates against the parent
-    # process's key and fails between unrelated processes; named shared-memory files work (seen: AuthenticationError
-    # with file_descriptor). Set in this process and inherited by the scheduler SGLang spawns from it.
-    import torch.multiprocessing
-
-    torch.multiprocessing.set_sharing_strategy("file_system")
-
 
 PAUSE_MODES = ("in_place", "retract")
 # Opening a CPU buffer shared by name goes through the sender's torch_shm_manager daemon; on a loaded 2-core box
@@ -84,6 +66,34 @@ def open_shared_buffer(handle: bytes):
             logger.warning("opening a shared weight bucket timed out (attempt %d of %d); retrying", attempt + 1,
                            SHM_OPEN_ATTEMPTS)
             time.sleep(0.5 * (attempt + 1))
+
+
+@functools.cache
+def prepare_engine_process() -> bool:
+    """Sets up this process to run SGLang (before sglang is imported; the scheduler processes SGLang spawns
+    inherit the environment); returns whether it runs on CPU. Called by SGLangEngine, not at import: the driver
+    imports this module to start the engine actors, and torch's import (1 s of one core) would delay them."""
+    import torch
+
+    from glm5_model.compat import mark_absent
+
+    if torch.cuda.is_available():
+        return False
+    # Select our platform explicitly: SGLang refuses to guess when several platform plugins are installed, and
+    # without one a CUDA build of torch makes it pick the CUDA platform.
+    os.environ.setdefault("SGLANG_PLATFORM", "slipstream_cpu")
+    # FlashInfer is CUDA-only, but SGLang's quantization modules import it (and, through it, CUTLASS and ml_dtypes)
+    # whenever it is installed, behind try/except ImportError: 1.3 s of one core per engine start. Marked absent,
+    # as it is to SGLang's own availability check on CPU (is_flashinfer_available); find_spec answers None.
+    mark_absent("flashinfer")
+    # Bucketed weight pushes hand CPU tensors between unrelated processes (a trainer rank, this engine, SGLang's
+    # scheduler) as shared-memory handles. The default fd-passing strategy authenticates against the parent
+    # process's key and fails between unrelated processes; named shared-memory files work (seen: AuthenticationError
+    # with file_descriptor).
+    import torch.multiprocessing
+
+    torch.multiprocessing.set_sharing_strategy("file_system")
+    return True
 
 
 class SGLangEngine:
@@ -108,7 +118,7 @@ class SGLangEngine:
         self._push: _Push | None = None  # the bucketed push in progress
         self.model_path = str(model_path)
         self._vocab_size = int(json.loads((Path(self.model_path) / "config.json").read_text())["vocab_size"])
-        self.on_cpu = not torch.cuda.is_available()
+        self.on_cpu = prepare_engine_process()
         kwargs = dict(model_path=self.model_path, dtype=dtype, max_total_tokens=max_total_tokens,
                       random_seed=seed, log_level=log_level, skip_tokenizer_init=False)
         if mem_fraction_static is not None:
@@ -317,6 +327,7 @@ class SGLangEngine:
         mapped bytes first; a bad bucket raises and loads nothing. Returns the payload bytes."""
         from sglang.srt.utils import MultiprocessingSerializer
         from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorMetadata
+        import torch
 
         flat = open_shared_buffer(handle)
         if flat.numel() != layout.nbytes:

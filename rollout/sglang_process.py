@@ -12,7 +12,6 @@ import threading
 import time
 
 import psutil
-import torch
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +27,7 @@ def start_engine(kwargs: dict, timeout_s: float):
     processes makes the launcher's wait fail, so the constructor returns and we can raise a clear error. The
     watchdog keeps killing until the constructor returns: at the deadline the processes may not exist yet."""
     import sglang
+    import torch
 
     me = psutil.Process()
     before = {p.pid for p in me.children(recursive=True)}

@@ -6,13 +6,17 @@ an int64 check entry [version, bucket index, payload bytes, checksum, algorithm]
 flattened-bucket tensor update (colocated) and through its flattened-bucket broadcast (distributed), so a
 receiver can always verify what it got before loading it.
 
-Both sides import this module (rollout must not import trainer), so it holds only the format: no I/O.
+Both sides import this module (rollout must not import trainer), so it holds only the format: no I/O. It imports
+torch only where it reads or writes tensors: the driver imports it (through rollout/engine.py) to start the engine
+actors, before it needs torch.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 # Entries whose names start with this are part of the protocol, never model weights: the receiver strips them.
 PROTOCOL_PREFIX = "slipstream."
@@ -25,6 +29,10 @@ _SLICE_CHUNKS = 4096  # "sums": chunks summed per step (2 MiB of data, 32 KiB pe
 # Most a checksum allocates at once ("sums": chunk sums, their weighted copy, the lane numbers, a padded tail).
 CHECKSUM_WORKING_BYTES = 4 * 8 * _SLICE_CHUNKS
 ALGORITHMS = ("xxh3", "sums")
+# Weight-name requests the engines' scheduler answers itself (rollout/weight_receiver.py), and the word that starts
+# its log line when it has verified a bucket.
+READBACK_PREFIX = PROTOCOL_PREFIX + "readback:"
+VERIFIED_MARKER = "slipstream-verified"
 
 
 @dataclass(frozen=True)
@@ -39,6 +47,8 @@ class TensorSpec:
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        import torch
+
         return getattr(torch, self.dtype)
 
     def view(self, flat: torch.Tensor) -> torch.Tensor:
@@ -73,6 +83,8 @@ def layout_bucket(tensors: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> Bu
 
     Offsets are consecutive (a pad entry fills each gap) because SGLang's distributed receive rebuilds the layout
     from names, dtypes and shapes alone and rejects a misaligned entry."""
+    import torch
+
     entries: list[TensorSpec] = []
     offset = 0
 
@@ -96,6 +108,8 @@ def layout_bucket(tensors: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> Bu
 
 def write_check(flat: torch.Tensor, layout: BucketLayout, version: int, index: int) -> int:
     """Computes the checksum of the payload bytes and writes the check entry; returns the checksum."""
+    import torch
+
     algorithm = default_algorithm(flat)
     value = checksum(flat[:layout.payload_nbytes], algorithm)
     check = torch.tensor([version, index, layout.payload_nbytes, _signed(value), ALGORITHMS.index(algorithm)],
@@ -133,6 +147,8 @@ def checksum(data: torch.Tensor, algorithm: str | None = None) -> int:
       int64 words, summed in chunks of 64 words, the chunk sums combined with their positions (mod 2**64); a
       reordering inside one 512-byte chunk goes unseen. Walked in slices, so its temporaries stay under
       CHECKSUM_WORKING_BYTES."""
+    import torch
+
     flat = data.detach().contiguous().reshape(-1).view(torch.uint8)
     algorithm = algorithm or default_algorithm(flat)
     if algorithm == "xxh3":

@@ -27,12 +27,11 @@ import threading
 
 import torch
 
-from rollout.weight_protocol import CHECK_NAME, PROTOCOL_PREFIX, checksum, verify_check
+from rollout.weight_protocol import (CHECK_NAME, PROTOCOL_PREFIX, READBACK_PREFIX, VERIFIED_MARKER, checksum,
+                                     verify_check)
 
 logger = logging.getLogger(__name__)
 
-READBACK_PREFIX = PROTOCOL_PREFIX + "readback:"
-VERIFIED_MARKER = "slipstream-verified"
 WRAPPED_NAMES: list[tuple[str, str, str]] = [
     ("sglang.srt.model_executor.model_runner_components.weight_updater", "WeightUpdater",
      "load_weights_from_distributed"),

@@ -24,6 +24,7 @@ def test_an_engine_resolves_glm_without_importing_sglangs_other_models():
     facts = _run("""
 import importlib.util, json, sys
 import rollout.engine
+rollout.engine.prepare_engine_process()
 from sglang.srt.models.registry import ModelRegistry
 glm5 = ModelRegistry.resolve_model_cls(["GlmMoeDsaForCausalLM"])[1]
 glm45 = ModelRegistry.resolve_model_cls(["Glm4MoeForCausalLM"])[1]
@@ -68,9 +69,10 @@ print(json.dumps({"frames_compiled": du.counters["frames"]["total"],
     assert facts == {"frames_compiled": 0, "in_environment": False}
 
 
-def test_the_driver_checks_its_config_and_data_without_importing_torch(tiny_checkpoint):
-    """trainer/launch.py starts the engines before the driver needs torch (its import runs in a thread meanwhile):
-    the config checks, the checkpoint, tokenizer and data checks and the modules launch imports leave torch out."""
+def test_the_driver_checks_and_starts_engines_without_importing_torch(tiny_checkpoint):
+    """trainer/launch.py starts the engines before the driver imports torch (1 s of one core): the config checks,
+    the checkpoint, tokenizer and data checks, the modules launch imports and the engine actor's class leave torch
+    out."""
     facts = _run(f"""
 import json, sys
 from hydra import compose, initialize_config_dir
@@ -86,6 +88,7 @@ from rollout.data import load_data
 checkpoint = ensure_checkpoint(cfg.model.preset, {str(tiny_checkpoint)!r}, cfg.model.init_seed)
 data = load_data(cfg.data, load_tokenizer(checkpoint))
 trainer.launch.task_rewards(cfg)
+from rollout.engine import RolloutEngineActor
 print(json.dumps({{"rows": len(data.train) > 0, "torch": "torch" in sys.modules}}))
 """)
     assert facts == {"rows": True, "torch": False}

@@ -1,13 +1,12 @@
 """The first half of a run's start (trainer/main.py): the checks (before Ray), Ray, the warm-up when one is
-configured, then the SGLang engines and the rollout manager. Nothing here imports torch: the engines' start is
-the longest (their imports, one core each), and the driver's own torch import (1.2 s) would delay it. The
-trainer's side (trainer/runtime.py: the Megatron ranks, W&B) starts after, while the engines come up."""
+configured, then the SGLang engines and the rollout manager. Nothing here imports torch (nor does the engine
+actor's module, rollout/engine.py): the engines' start is the longest (their imports, one core each), and the
+driver's own torch import (1 s) would delay it. The trainer's side (trainer/runtime.py: the Megatron ranks, W&B)
+is imported and started after, while the engines come up."""
 from __future__ import annotations
 
 import functools
-import importlib
 import os
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,12 +50,9 @@ def launch(cfg: RunConfig, manager_actor=RolloutManagerActor) -> Launched:
     from glm5_model.tokenizer import load_tokenizer
     from glm5_model.tokenizer.build import stop_token_ids
 
-    startup = StartupClock()  # measured in bench/startup.py
-    # The engine actor's class module and the trainer's side import torch (1.2 s of one core in this process):
-    # imported in a thread from here on, beside the checks and ray.init (which hold the GIL only part of the
-    # time), so the engines can start as soon as Ray is up. Nothing on this thread's path until then needs them.
-    prefetch = threading.Thread(target=_import_heavy_modules, name="slipstream-import-prefetch", daemon=True)
-    prefetch.start()
+    # Measured in bench/startup.py. Importing torch and the trainer's side in a thread during the checks and
+    # ray.init (tried) held the GIL against both: the engines started 1 s later than they do with no thread.
+    startup = StartupClock()
     checkpoint = ensure_checkpoint(cfg.model.preset, resolve_path(cfg.model.checkpoint_dir), cfg.model.init_seed)
     tokenizer = load_tokenizer(checkpoint)
     data = load_data(cfg.data, tokenizer)  # the validation pass: strict mode stops here, before Ray starts
@@ -80,10 +76,6 @@ def launch(cfg: RunConfig, manager_actor=RolloutManagerActor) -> Launched:
         ray.init(num_cpus=max(int(needed) + 1, os.cpu_count() or 1), include_dashboard=False, log_to_driver=True)
     startup.mark("ray")
     if cfg.warmup.steps:  # supervised warm-up on demonstrations (cached): RL starts from its weights
-        # The warm-up imports much of what the thread does (torch, the trainer group): let it finish first, so
-        # the two threads never import the same packages at once (Python then hands one of them a partially
-        # initialised module when it sees a cycle). The warm-up's own time dwarfs what the overlap would save.
-        prefetch.join()
         from trainer.warmup import warm_up
 
         checkpoint = warm_up(cfg, checkpoint, data.train, tokenizer)
@@ -102,14 +94,6 @@ def launch(cfg: RunConfig, manager_actor=RolloutManagerActor) -> Launched:
     startup.mark("engines_started")
     return Launched(Path(checkpoint), rollout, data.eval, tuple(stop_token_ids(tokenizer)),
                     (resume_from, saved) if saved else None, startup)
-
-
-def _import_heavy_modules() -> None:
-    for name in ("rollout.engine", "trainer.runtime"):
-        try:
-            importlib.import_module(name)
-        except Exception:  # noqa: BLE001 - the importing caller meets the same error, in its own thread
-            return
 
 
 def task_rewards(cfg: RunConfig) -> dict[str, list[RewardSpec]]:
