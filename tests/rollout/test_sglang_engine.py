@@ -70,16 +70,32 @@ def _diffs(model, prompts, results, temperature: float = 1.0) -> torch.Tensor:
     return torch.tensor(diffs)
 
 
-def test_engine_start_deadline(tiny_checkpoint):
+def test_engine_start_deadline(tiny_checkpoint, monkeypatch):
     """A start that overruns its deadline raises a clear error and leaves no processes behind (a failed start can
-    otherwise hang forever). Runs before the shared engine exists, so no process of that one can be hit."""
-    import psutil
+    otherwise hang forever), nor open ZMQ contexts (their finalizer would block the next start). Runs before the
+    shared engine exists, so no process of that one can be hit."""
+    import gc
 
-    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    import psutil
+    import zmq
+
+    import rollout.sglang_process as sglang_process
+
+    def open_contexts() -> set:
+        return {o for o in gc.get_objects() if isinstance(o, zmq.Context) and not o.closed}
+
+    dropped = []
+    drop = sglang_process._drop_zmq_contexts
+    monkeypatch.setattr(sglang_process, "_drop_zmq_contexts", lambda contexts: (dropped.extend(contexts),
+                                                                               drop(contexts)))
+    before, contexts_before = {p.pid for p in psutil.Process().children(recursive=True)}, open_contexts()
     with pytest.raises(EngineStartError, match="did not start within 2s"):
         SGLangEngine(str(tiny_checkpoint), max_total_tokens=4096, start_timeout_s=2)
     left = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
     assert not left, f"engine processes left running: {left}"
+    assert dropped, "the failed start made no ZMQ context, or they were not found"
+    assert open_contexts() <= contexts_before, "the failed start left ZMQ contexts open"
+    assert zmq.Context.__init__ is zmq.sugar.context.Context.__dict__["__init__"]  # the recording hook is gone
 
 
 def test_shared_bucket_open_retries_libshm_timeouts(monkeypatch):
