@@ -41,8 +41,7 @@ def _compose(overrides: list[str]) -> _InspectConfig:
 def _tokenizer(cfg, explicit: str | None):
     """The tokenizer the run would use: the checkpoint's (what the engines load), else the preset's tiny one.
     A checkpoint is not created here; inspecting data should not write model weights."""
-    from transformers import AutoTokenizer
-
+    from glm5_model.tokenizer import load_tokenizer
     from glm5_model.tokenizer.build import TINY_DIR
 
     if explicit:
@@ -50,7 +49,7 @@ def _tokenizer(cfg, explicit: str | None):
     else:
         ckpt = resolve_path(cfg.checkpoint_dir)
         path = ckpt if (ckpt / "tokenizer_config.json").is_file() else TINY_DIR
-    return AutoTokenizer.from_pretrained(str(path)), path
+    return load_tokenizer(path), path
 
 
 def histogram(lengths: list[int], width: int = 40) -> list[str]:
