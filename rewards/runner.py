@@ -1,5 +1,5 @@
-"""Runs reward plugins on many samples: weighted combination, per-call timeout, bounded concurrency, an optional
-result cache, and isolation — a plugin that raises, times out or returns garbage costs that sample a logged error
+"""Runs reward plugins on many samples: weighted combination, per-call timeout, bounded concurrency, identical
+samples scored once, an optional result cache, and isolation — a plugin that raises, times out or returns garbage costs that sample a logged error
 and the configured fallback score; the run goes on.
 
 Limits of in-process isolation: a plugin that blocks the event loop in synchronous code cannot be interrupted by a
@@ -8,6 +8,7 @@ timeout. `python -m rewards check` detects such plugins (they fail its event-loo
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import logging
 import math
@@ -34,6 +35,11 @@ class RunnerSettings:
     max_concurrency: int = 64
     fallback_score: float = 0.0
     cache_size: int = 0  # 0 disables the cache
+    # Identical samples of one score_many call (same prompt, response, label and metadata) are scored once and
+    # share the result. The plugin contract (`python -m rewards check`) requires a reward to be a function of its
+    # input; a policy after its warm-up often samples the same response several times per group (quickstart,
+    # coding_fn: 1.9 distinct responses per group of 8). False: every sample gets its own call.
+    dedupe: bool = True
 
     def __post_init__(self) -> None:
         if not self.timeout_s > 0:
@@ -57,20 +63,35 @@ class RewardRunner:
         self.specs, self.settings = specs, settings
         self._fns: list[RewardFn] = [load_reward(s.name, s.kwargs) for s in specs]
         self._cache: OrderedDict[str, RewardResult] = OrderedDict()
-        self.stats = {"calls": 0, "errors": 0, "timeouts": 0, "cache_hits": 0}
+        self.stats = {"calls": 0, "errors": 0, "timeouts": 0, "cache_hits": 0, "deduplicated": 0}
 
     async def score_many(self, samples: list[RewardInput], sample_ids: list[str] | None = None) -> list[RewardResult]:
         """Scores all samples with at most `max_concurrency` in flight. Workers pull from a shared index, so
-        memory stays bounded by the concurrency, not by the number of samples."""
+        memory stays bounded by the concurrency, not by the number of samples. With `dedupe`, a sample identical
+        to an earlier one gets a copy of its result instead of calls of its own."""
         ids = sample_ids or [str(i) for i in range(len(samples))]
         results: list[RewardResult | None] = [None] * len(samples)
-        next_index = iter(range(len(samples)))
+        first_of: dict[str, int] = {}
+        copies: list[tuple[int, int]] = []  # (sample, the identical earlier sample that is scored)
+        scored: list[int] = []
+        for i, sample in enumerate(samples):
+            key = _input_key(sample, sample.metadata, strict=True) if self.settings.dedupe else None
+            if key is not None and key in first_of:
+                copies.append((i, first_of[key]))
+                continue
+            if key is not None:
+                first_of[key] = i
+            scored.append(i)
+        next_index = iter(scored)
 
         async def worker() -> None:
             for i in next_index:
                 results[i] = await self.score(samples[i], ids[i])
 
-        await asyncio.gather(*(worker() for _ in range(min(self.settings.max_concurrency, len(samples)) or 1)))
+        await asyncio.gather(*(worker() for _ in range(min(self.settings.max_concurrency, len(scored)) or 1)))
+        for i, original in copies:
+            results[i] = copy.deepcopy(results[original])
+        self.stats["deduplicated"] += len(copies)
         return results  # type: ignore[return-value]
 
     def score_many_sync(self, samples: list[RewardInput], sample_ids: list[str] | None = None) -> list[RewardResult]:
@@ -120,8 +141,14 @@ class RewardRunner:
     def _cache_key(self, spec: RewardSpec, sample: RewardInput) -> str | None:
         if self.settings.cache_size <= 0:
             return None
-        try:
-            return json.dumps([spec.name, spec.kwargs, sample.prompt, sample.response, sample.label],
-                              sort_keys=True, default=repr)
-        except (TypeError, ValueError):
-            return None
+        return _input_key(sample, spec.name, spec.kwargs)
+
+
+def _input_key(sample: RewardInput, *extra: Any, strict: bool = False) -> str | None:
+    """What a deterministic reward's result depends on, as a string; None when it cannot be serialised. `strict`:
+    plain JSON values only (two objects can share a repr without being equal), else repr() for the rest."""
+    try:
+        return json.dumps([*extra, sample.prompt, sample.response, sample.label], sort_keys=True,
+                          default=None if strict else repr)
+    except (TypeError, ValueError):
+        return None

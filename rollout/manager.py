@@ -37,7 +37,7 @@ from rollout.data.config import DataConfig
 from rollout.engine_pool import EnginePool, PoolSettings
 from rollout.flow import RolloutFlow
 from rollout.generation import SamplingSettings, make_group, score_samples
-from rollout.metrics import sample_metrics, staleness_metrics, token_ages
+from rollout.metrics import duplicate_response_frac, sample_metrics, staleness_metrics, token_ages
 from rollout.protocol import EngineRequest
 from rollout.sample import Sample
 
@@ -431,7 +431,7 @@ class RolloutManager:
         return {**sample_metrics(samples, "rollout", "reward", self.reward_names),
                 **{f"rollout/flow/{k}": v for k, v in self.flow.metrics().items()}, **pool,
                 "rollout/engine_idle_frac": min(1.0, idle), "rollout/engine_version": float(self.flow.version),
-                "rollout/groups": float(len(batch))}
+                "rollout/groups": float(len(batch)), "rollout/duplicate_response_frac": duplicate_response_frac(batch)}
 
     def _describe(self) -> str:
         m = self.flow.metrics()

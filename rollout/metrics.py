@@ -51,6 +51,15 @@ def reward_batch_metrics_for(name: str, components: list[dict[str, float]]) -> d
     return {f"reward/{name}/{k}": float(v) for k, v in fn(own).items()}
 
 
+def duplicate_response_frac(groups: list[list[Sample]]) -> float:
+    """The share of samples whose response repeats an earlier one of the same group: samples the reward runner
+    does not score again (rewards.RunnerSettings.dedupe), and a sign of how little a group's samples still differ
+    (all of a group equal: its advantages are 0)."""
+    total = sum(len(g) for g in groups)
+    distinct = sum(len({tuple(s.response_ids) for s in g}) for g in groups)
+    return (total - distinct) / total if total else 0.0
+
+
 def token_ages(samples: list[Sample], train_version: int) -> Counter[int]:
     """How many response tokens are each number of policy versions old when trained at `train_version`."""
     return Counter(train_version - v for s in samples for v in s.response_versions)

@@ -89,9 +89,17 @@ class RewardConfig:
     max_concurrency: int = 64
     fallback_score: float = 0.0
     cache_size: int = 0
+    dedupe: bool = True  # identical samples of one group scored once (rewards.RunnerSettings.dedupe)
 
     def terms(self) -> list[RewardTermConfig]:
         return list(self.combine) if self.combine else [RewardTermConfig(self.name or "", 1.0, dict(self.kwargs))]
+
+    def runner_settings(self):
+        """rewards.RunnerSettings of these options (ValueError naming the field when one is out of range)."""
+        from rewards import RunnerSettings
+
+        return RunnerSettings(self.timeout_s, self.max_concurrency, self.fallback_score, self.cache_size,
+                              self.dedupe)
 
 
 @dataclass
@@ -223,7 +231,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(num_experts % t.expert_parallel == 0, "trainer.expert_parallel",
            f"must divide the model's {num_experts} experts, got {t.expert_parallel}")
     validate_data_config(cfg.data)
-    from rewards import RunnerSettings, load_reward
+    from rewards import load_reward
     for i, term in enumerate(cfg.reward.terms()):
         where = f"reward.combine[{i}]" if cfg.reward.combine else "reward"
         try:
@@ -236,8 +244,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"reward.by_task.{task}.name: {exc}") from exc
     try:
-        RunnerSettings(cfg.reward.timeout_s, cfg.reward.max_concurrency, cfg.reward.fallback_score,
-                       cfg.reward.cache_size)
+        cfg.reward.runner_settings()
     except ValueError as exc:
         raise ConfigError(f"reward.{exc}") from exc
     return cfg

@@ -14,7 +14,7 @@ from typing import Any
 import ray
 
 from glm5_model.hf_checkpoint import ensure_checkpoint
-from rewards import RewardSpec, RunnerSettings
+from rewards import RewardSpec
 from rollout.data import PromptRow, load_data
 from rollout.data.formats import family_rewards
 from rollout.manager import EngineSpec, RolloutManagerActor, start_engine, start_engines
@@ -88,7 +88,7 @@ def launch(cfg: RunConfig, manager_actor=RolloutManagerActor) -> Launched:
     rollout = manager_actor.options(num_cpus=0).remote(
         r, cfg.loop, cfg.data, data.train, engines,
         [RewardSpec(t.name, t.weight, t.kwargs) for t in term_cfg.terms()],
-        RunnerSettings(term_cfg.timeout_s, term_cfg.max_concurrency, term_cfg.fallback_score, term_cfg.cache_size),
+        term_cfg.runner_settings(),
         engine_handles=engine_handles, engine_factory=functools.partial(start_engine, engines),
         task_rewards=task_rewards(cfg))
     startup.mark("engines_started")

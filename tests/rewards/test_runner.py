@@ -62,6 +62,49 @@ def test_cache_hits_skip_the_plugin():
     assert len(m.CALLS) == 5 and runner.stats["cache_hits"] == 5
 
 
+def test_identical_samples_are_scored_once_and_each_gets_its_own_copy():
+    """A group of 8 where a warmed-up policy sampled one response 5 times: 4 plugin calls, not 8."""
+    from tests.rewards import plugins_misbehaving as m
+
+    m.CALLS.clear()
+    runner = RewardRunner([RewardSpec(f"{P}:counts_calls")])
+    meta = {"row": 3, "task": "coding_fn"}
+    responses = ["same", "same", "other", "same", "third", "same", "same", "x"]
+    samples = [RewardInput(prompt="p", response=r, label="L", metadata=dict(meta)) for r in responses]
+    results = runner.score_many_sync(samples)
+    assert sorted(m.CALLS) == ["other", "same", "third", "x"]
+    assert [r.score for r in results] == [float(len(r)) for r in responses]
+    assert runner.stats["deduplicated"] == 4
+    results[0].components["mutated"] = 1.0  # copies, not one shared object
+    assert "mutated" not in results[1].components
+
+
+@pytest.mark.parametrize("differs", ["prompt", "label", "metadata"])
+def test_samples_differing_in_any_input_are_scored_apart(differs):
+    from tests.rewards import plugins_misbehaving as m
+
+    m.CALLS.clear()
+    base = dict(prompt="p", response="same", label="L", metadata={"row": 1})
+    other = {**base, differs: {"row": 2} if differs == "metadata" else "q"}
+    RewardRunner([RewardSpec(f"{P}:counts_calls")]).score_many_sync([RewardInput(**base), RewardInput(**other)])
+    assert m.CALLS == ["same", "same"]
+
+
+def test_dedupe_off_or_unserialisable_inputs_score_every_sample():
+    from tests.rewards import plugins_misbehaving as m
+
+    class Opaque:  # equal reprs, unequal objects: never taken for one another
+        def __repr__(self):
+            return "Opaque"
+
+    m.CALLS.clear()
+    RewardRunner([RewardSpec(f"{P}:counts_calls")], RunnerSettings(dedupe=False)).score_many_sync(
+        [RewardInput(prompt="p", response="same")] * 3)
+    RewardRunner([RewardSpec(f"{P}:counts_calls")]).score_many_sync(
+        [RewardInput(prompt="p", response="same", metadata={"o": Opaque()}) for _ in range(2)])
+    assert m.CALLS == ["same"] * 5
+
+
 def test_many_calls_with_mixed_failures_do_not_deadlock():
     specs = [RewardSpec(f"{P}:sometimes_slow"), RewardSpec(f"{P}:sometimes_raises")]
     runner = RewardRunner(specs, RunnerSettings(timeout_s=0.05, max_concurrency=32))

@@ -61,6 +61,7 @@ def test_smoke_composes_and_validates():
                  marks=pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="valid where CUDA is")),
     ("reward.name=no_such_reward", "reward.name"),
     ("reward.timeout_s=0", "reward.timeout_s"),
+    ("reward.dedupe=sometimes", "reward.dedupe"),
     ("+reward.combine=[{name: exact_match}, {name: bogus, weight: 2}]", "reward.combine[1].name"),
     ("+reward.combine=[{name: exact_match, wieght: 2}]", "reward.combine[0].wieght"),
     ("data.path=/nonexistent.jsonl", "data.path"),
