@@ -1,6 +1,6 @@
 """Runs reward plugins on many samples: weighted combination, per-call timeout, bounded concurrency, identical
-samples scored once, an optional result cache, and isolation — a plugin that raises, times out or returns garbage costs that sample a logged error
-and the configured fallback score; the run goes on.
+samples scored once, an optional result cache, and isolation — a plugin that raises, times out or returns garbage
+costs that sample a logged error and the configured fallback score; the run goes on.
 
 Limits of in-process isolation: a plugin that blocks the event loop in synchronous code cannot be interrupted by a
 timeout. `python -m rewards check` detects such plugins (they fail its event-loop check); blocking work belongs in
