@@ -1,4 +1,4 @@
-"""HF-format checkpoint directories: config.json + safetensors + the tiny tokenizer.
+"""HF-format checkpoint directories: config.json + safetensors + a tokenizer (the tiny one for random inits).
 
 Random initial checkpoints come from transformers' own model class (the reference implementation), so SGLang,
 transformers and our Megatron model all start from the same weights. Tensor names on disk are the per-expert HF
@@ -18,6 +18,11 @@ if TYPE_CHECKING:
     import torch
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# Other tokenizer files a released checkpoint may carry (GLM's template lives in chat_template.jinja).
+_OPTIONAL_TOKENIZER_FILES = ("chat_template.jinja", "tokenizer.model")
+# Written into random initial checkpoints: what they were made from, so a changed repo tokenizer makes a new one
+# instead of reusing a stale directory.
+INIT_RECORD = "slipstream_init.json"
 
 
 def make_random_checkpoint(preset: str, out_dir: str | Path, seed: int = 0, overrides: dict | None = None) -> Path:
@@ -58,19 +63,30 @@ def make_random_checkpoint(preset: str, out_dir: str | Path, seed: int = 0, over
         for key in ("moe_layer_freq", "topk_method", "scoring_func", "ep_size", "n_group", "topk_group"):
             config[key] = config_dict[key]
         _finish_checkpoint_dir(tmp, config)
+        (tmp / INIT_RECORD).write_text(json.dumps(_init_record(preset, seed, overrides), indent=2) + "\n")
 
     return _write_atomically(out_dir, write)
 
 
-def write_checkpoint_dir(out_dir: str | Path, state: dict[str, torch.Tensor], hf_config: dict) -> Path:
-    """An HF-format checkpoint directory from HF-named tensors (what the trainer exports)."""
+def _init_record(preset: str, seed: int, overrides: dict | None) -> dict:
+    import hashlib
+
+    digest = hashlib.sha256(b"".join((TINY_TOKENIZER_DIR / n).read_bytes() for n in _TOKENIZER_FILES)).hexdigest()
+    return {"preset": preset, "seed": seed, "overrides": overrides or {}, "tokenizer_sha256": digest}
+
+
+def write_checkpoint_dir(out_dir: str | Path, state: dict[str, torch.Tensor], hf_config: dict,
+                         tokenizer_from: str | Path | None = None) -> Path:
+    """An HF-format checkpoint directory from HF-named tensors (what the trainer exports), with the tokenizer of
+    the checkpoint at `tokenizer_from` (the one the weights were trained from; the repo's tiny tokenizer when
+    None), so engines and the next run render prompts exactly as training did."""
     from safetensors.torch import save_file
 
     def write(tmp: Path) -> None:
         tmp.mkdir(parents=True)
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
-        _finish_checkpoint_dir(tmp, dict(hf_config))
+        _finish_checkpoint_dir(tmp, dict(hf_config), Path(tokenizer_from) if tokenizer_from else None)
 
     return _write_atomically(Path(out_dir), write)
 
@@ -87,17 +103,32 @@ def _write_atomically(out_dir: Path, write) -> Path:
     return out_dir
 
 
-def _finish_checkpoint_dir(path: Path, config: dict) -> None:
-    """Writes config.json and copies the tokenizer in."""
-    for name in _TOKENIZER_FILES:
-        shutil.copy(TINY_TOKENIZER_DIR / name, path / name)
+def _finish_checkpoint_dir(path: Path, config: dict, tokenizer_from: Path | None = None) -> None:
+    """Writes config.json and copies the tokenizer in: `tokenizer_from`'s tokenizer files when it has a
+    tokenizer.json, else the repo's tiny tokenizer."""
+    source = tokenizer_from if tokenizer_from and (tokenizer_from / "tokenizer.json").is_file() else None
+    for name in _TOKENIZER_FILES + _OPTIONAL_TOKENIZER_FILES:
+        if source is not None and (source / name).is_file():
+            shutil.copy(source / name, path / name)
+        elif source is None and name in _TOKENIZER_FILES:
+            shutil.copy(TINY_TOKENIZER_DIR / name, path / name)
     config["torch_dtype"] = "float32"
     (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def ensure_checkpoint(preset: str, out_dir: str | Path, seed: int = 0) -> Path:
+    """`out_dir`, made a random initial checkpoint of `preset` first when it holds none. A random checkpoint made
+    here earlier with another version of the repo's tokenizer is made again (its record says): its tokenizer,
+    which the warm-up renders prompts with, would not be the one the code and the tests expect. Any other
+    checkpoint (converted, trained) is used as it is; so is an existing one of another seed, as before."""
     out_dir = Path(out_dir)
-    if not (out_dir / "config.json").is_file():
+    record = out_dir / INIT_RECORD
+    current = _init_record(preset, seed, None)["tokenizer_sha256"]
+    stale = record.is_file() and json.loads(record.read_text()).get("tokenizer_sha256") != current
+    if stale:
+        print(f"{out_dir}: the random initial checkpoint was made with an older version of the repo's tokenizer; "
+              "making it again", flush=True)
+    if stale or not (out_dir / "config.json").is_file():
         make_random_checkpoint(preset, out_dir, seed)
     return out_dir
 

@@ -45,6 +45,7 @@ class TrainRank:
 
         # init_parallel picked this rank's GPU when there is one.
         self.device = torch.device("cuda", torch.cuda.current_device()) if cuda_available() else torch.device("cpu")
+        self.checkpoint_dir = checkpoint_dir
         self.hf_config = json.loads((Path(checkpoint_dir) / "config.json").read_text())
         self.shard = ExpertShard.for_rank(self.hf_config, ps.get_expert_model_parallel_rank(),
                                           self.layout.expert_parallel)
@@ -334,7 +335,7 @@ class TrainRank:
             return None
         from glm5_model.hf_checkpoint import write_checkpoint_dir
 
-        return str(write_checkpoint_dir(Path(path), dict(named), self.hf_config))
+        return str(write_checkpoint_dir(Path(path), dict(named), self.hf_config, tokenizer_from=self.checkpoint_dir))
 
     def shutdown(self) -> None:
         from glm5_model.parallel import destroy_parallel
