@@ -21,19 +21,30 @@ SPECIAL_TOKENS = [
 # Generation stops at any of these, as GLM's generation_config does.
 STOP_TOKENS = ["<|endoftext|>", "<|user|>", "<|observation|>"]
 
-# GLM-4.5/GLM-5 shape: tools are listed as JSON in a system block of their own, assistant tool calls are
+# GLM-4.5/GLM-5 shape: tools are listed in a system block of their own, assistant tool calls are
 # <tool_call>name<arg_key>k</arg_key><arg_value>v</arg_value></tool_call> (string values raw, others as JSON), and
 # consecutive tool results share one <|observation|> header, each wrapped in <tool_response>. Plain role/content
 # messages render exactly as before (the prompt cache and tests depend on that).
+# One difference from GLM's template, for this 512-token vocabulary: each tool is one signature line,
+# `name(arg: type, ...): description`, where GLM writes its JSON schema inside a paragraph of instructions. With
+# GLM's text a one-tool prompt was ~460 tokens here, 246 of them the instructions, so the tiny models trained on
+# 2 CPU cores could not afford agent tasks (docs/agents.md); the calls' format is what the model must follow, and
+# that is GLM's.
 CHAT_TEMPLATE = (
     "[gMASK]<sop>"
     "{% if tools %}"
-    "{{ '<|system|>\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n'"
-    " + 'You are provided with function signatures within <tools></tools> XML tags:\\n<tools>\\n' }}"
-    "{% for tool in tools %}{{ tool | tojson(ensure_ascii=False) + '\\n' }}{% endfor %}"
-    "{{ '</tools>\\n\\nFor each function call, output the function name and arguments within the following XML '"
-    " + 'format:\\n<tool_call>{function-name}<arg_key>{arg-key-1}</arg_key><arg_value>{arg-value-1}</arg_value>'"
-    " + '...</tool_call>' }}"
+    "{{ '<|system|>\\n# Tools\\n' }}"
+    "{% for tool in tools %}"
+    "{% set fn = tool['function'] if tool['function'] is defined else tool %}"
+    "{% set params = fn['parameters']['properties'] if fn['parameters'] is defined and "
+    "fn['parameters']['properties'] is defined else {} %}"
+    "{{ fn['name'] + '(' }}"
+    "{% for key, spec in params.items() %}{{ ', ' if not loop.first else '' }}{{ key }}"
+    "{% if spec['type'] is defined %}{{ ': ' + (spec['type'] if spec['type'] is string else spec['type'] | join('|')) }}"
+    "{% endif %}{% if spec['description'] is defined %}{{ ' (' + spec['description'] + ')' }}{% endif %}{% endfor %}"
+    "{{ ')' }}{% if fn['description'] is defined and fn['description'] %}{{ ': ' + fn['description'] }}{% endif %}"
+    "{{ '\\n' }}"
+    "{% endfor %}"
     "{% endif %}"
     "{% for message in messages %}"
     "{% set content = message['content'] if message['content'] is string else '' %}"

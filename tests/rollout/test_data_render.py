@@ -45,15 +45,8 @@ TOOL_ROW = {
 
 EXPECTED_TOOL_PROMPT = (
     "[gMASK]<sop><|system|>\n"
-    "# Tools\n\n"
-    "You may call one or more functions to assist with the user query.\n\n"
-    "You are provided with function signatures within <tools></tools> XML tags:\n"
-    "<tools>\n"
-    '{"type": "function", "function": {"name": "get_weather", "description": "Forecast.", '
-    '"parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}\n'
-    "</tools>\n\n"
-    "For each function call, output the function name and arguments within the following XML format:\n"
-    "<tool_call>{function-name}<arg_key>{arg-key-1}</arg_key><arg_value>{arg-value-1}</arg_value>...</tool_call>"
+    "# Tools\n"
+    "get_weather(city: string): Forecast.\n"
     "<|system|>\nUse tools."
     "<|user|>\nWeather in Paris, in celsius?"
     "<|assistant|>\n<tool_call>get_weather<arg_key>city</arg_key><arg_value>Paris</arg_value>"
@@ -73,6 +66,23 @@ def test_tool_using_chat_matches_hand_written_prompt(tok, tmp_path):
     # the special tokens are single ids, as the engine's stop tokens and the reward parser expect
     for special in ("<tool_call>", "</tool_call>", "<arg_key>", "<|observation|>", "<tool_response>"):
         assert tok.convert_tokens_to_ids(special) in ids
+
+
+def test_the_tiny_template_lists_each_tool_as_one_signature_line(tok):
+    tools = [
+        {"type": "function", "function": {"name": "lookup", "description": "Finds a thing.", "parameters": {
+            "type": "object", "properties": {"key": {"type": "string", "description": "its name"},
+                                             "limit": {"type": ["integer", "null"]}, "raw": {}}}}},
+        {"type": "function", "function": {"name": "ping"}},  # no description, no parameters
+        {"name": "bare", "parameters": {"type": "object", "properties": {"x": {"type": "number"}}}},  # not wrapped
+    ]
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tools=tools, add_generation_prompt=True,
+                                   tokenize=False)
+    assert text == ("[gMASK]<sop><|system|>\n# Tools\n"
+                    "lookup(key: string (its name), limit: integer|null, raw): Finds a thing.\n"
+                    "ping()\n"
+                    "bare(x: number)\n"
+                    "<|user|>\nhi<|assistant|>\n")
 
 
 def test_plain_string_prompt_and_system_prompt(tok, tmp_path):
