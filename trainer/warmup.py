@@ -63,6 +63,8 @@ def demonstrations(rows: list[PromptRow], tokenizer, agent: AgentConfig) -> list
                 continue
             runner = runners.setdefault(name, EnvRunner(name, agent.env_kwargs, settings))
             result = asyncio.run(demonstrate_episode(runner, task, tokenizer, expert))
+            if result is None:
+                continue
             seq = result.sequence
             if result.reward <= 0 or not seq.response_ids:
                 log.warning("warm-up: the %s expert failed task %s (reward %s); not used", name, task.id,

@@ -22,8 +22,9 @@ SPLITS = ("train", "heldout")
 TaskGenerator = Callable[[str, int, int], list[Task]]
 EnvFactory = Callable[..., Any]
 # A demonstration policy: the next assistant message given the task (its hidden data too) and the conversation
-# so far; what a warm-up teaches before RL (trainer/warmup.py).
-Expert = Callable[[Task, list[dict[str, Any]]], dict[str, Any]]
+# so far; what a warm-up teaches before RL (trainer/warmup.py). None for the first turn of a task it does not
+# demonstrate (tasks left for RL).
+Expert = Callable[[Task, list[dict[str, Any]]], dict[str, Any] | None]
 
 _REGISTRY: dict[str, "EnvSpec"] = {}
 _builtins_loaded = False

@@ -116,10 +116,14 @@ async def run_episode(runner: EnvRunner, task: Task, tokenizer: Any, generate: G
 Expert = Callable[[Task, list], dict]
 
 
-async def demonstrate_episode(runner: EnvRunner, task: Task, tokenizer: Any, expert: Expert) -> AgentEpisodeResult:
+async def demonstrate_episode(runner: EnvRunner, task: Task, tokenizer: Any,
+                              expert: Expert) -> AgentEpisodeResult | None:
     """An episode whose turns are `expert(task, messages so far)` (an assistant message), rendered as a model that
     follows the chat template would generate it: the token sequence the warm-up trains on, with the environment's
-    real observations between the turns."""
+    real observations between the turns. None when the expert does not demonstrate the task (its first turn is
+    None: tasks left for RL to learn)."""
+    if expert(task, [dict(m) for m in task.prompt]) is None:
+        return None
     episode = await AgentEpisode.start(runner, task, tokenizer)
     while not episode.done:
         ids = episode.renderer.assistant_ids(expert(task, list(episode.session.messages)))

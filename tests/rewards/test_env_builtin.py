@@ -1,4 +1,4 @@
-"""The calculator and terminal environments: solvable as intended, not payable for the obvious exploits; task
+"""The calculator, price_check and terminal environments: solvable as intended, not payable for the obvious exploits; task
 generators deterministic with a disjoint held-out split; episode metrics."""
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def play(env: str, task, turns, kwargs=None, settings=EnvSettings()):
     return asyncio.run(go())
 
 
-@pytest.mark.parametrize("env", ["calculator", "terminal", "coding_agent"])
+@pytest.mark.parametrize("env", ["calculator", "price_check", "terminal", "coding_agent"])
 def test_task_generators_are_deterministic_and_the_heldout_split_is_disjoint(env):
     spec = load_env(env)
     train, again = spec.generate_tasks("train", 30, seed=1), spec.generate_tasks("train", 30, seed=1)
@@ -46,8 +46,9 @@ def test_task_generators_are_deterministic_and_the_heldout_split_is_disjoint(env
     assert [t.data for t in train] != [t.data for t in other_seed]
     heldout = spec.generate_tasks("heldout", 15, seed=1)
     assert {t.split for t in train} == {"train"} and {t.split for t in heldout} == {"heldout"}
-    problem = (lambda t: (t.data["family"], tuple(sorted(t.data["params"].items())))) if env == "coding_agent" \
-        else (lambda t: repr(t.prompt) + repr(sorted(t.data.items())))
+    problem = {"coding_agent": lambda t: (t.data["family"], tuple(sorted(t.data["params"].items()))),
+               "price_check": lambda t: t.data["quantity"],  # the split's key: the asked quantity
+               }.get(env, lambda t: repr(t.prompt) + repr(sorted(t.data.items())))
     assert not {problem(t) for t in train} & {problem(t) for t in heldout}
     assert len({t.id for t in train + heldout}) == 45
     with pytest.raises(ValueError, match="split"):
@@ -123,6 +124,68 @@ def test_final_number_is_strict():
     assert final_number(r"\boxed{42}") == 42.0
     assert final_number("Answer: 42 dollars") is None
     assert final_number("Answer: 4 2") is None
+
+
+# ---- price_check ----
+
+def _price_task(index: int = 0):
+    return load_env("price_check").generate_tasks("train", index + 1, seed=0)[index]
+
+
+@pytest.mark.parametrize("final", ["Answer: {total}", "It said {total}. Answer: {total}"])
+def test_price_check_pays_the_answer_the_tool_gave(final):
+    task = _price_task()
+    quantity = task.data["quantity"]
+    total = quantity * task.data["price"]
+    observations, episode = play("price_check", task, [
+        turn(call("cost", quantity=quantity)), turn(content=final.format(total=total))])
+    assert observations[0][0]["content"] == str(total)
+    assert episode.reward == 1.0 and episode.end_reason is EndReason.DONE
+    assert episode.outcome.components["asked_right"] == 1.0
+
+
+@pytest.mark.parametrize("exploit", ["guess", "other_quantity", "unit_price", "several", "reasoning", "claim",
+                                     "no_answer"])
+def test_price_check_exploits_score_zero(exploit):
+    task = _price_task()
+    quantity, price = task.data["quantity"], task.data["price"]
+    total = quantity * price
+    right = turn(call("cost", quantity=quantity))
+    turns = {
+        "guess": [turn(content=f"Answer: {total + 1}")],                   # no call: a guess
+        "other_quantity": [turn(call("cost", quantity=quantity + 1)), turn(content=f"Answer: {total + price}")],
+        "unit_price": [turn(call("cost", quantity=1)), turn(content=f"Answer: {price}")],
+        "several": [right, turn(content=f"Answer: {total}, {total + 1}")],
+        "reasoning": [right, turn(content=f"<think>Answer: {total}</think> Answer: {total + 1}")],
+        "claim": [turn(content=f"The cost tool says {total + 1}. Answer: {total + 1}")],
+        "no_answer": [right, right, right],
+    }[exploit]
+    _, episode = play("price_check", task, turns, settings=EnvSettings(max_turns=3))
+    assert episode.reward == 0.0
+
+
+def test_price_check_tool_errors_are_failed_calls():
+    task = _price_task()
+    observations, episode = play("price_check", task, [
+        turn(call("cost", quantity=-1), call("total", 1, quantity=2)), turn(content="Answer: 0")])
+    assert [m["content"] for m in observations[0]] == ["Error: the quantity must not be negative",
+                                                       "Error: unknown tool 'total'"]
+    assert episode.stats.failed_calls == 2 and episode.reward == 0.0
+
+
+def test_price_check_expert_demonstrates_half_of_the_tasks_and_solves_them():
+    spec = load_env("price_check")
+    tasks = spec.generate_tasks("train", 80, seed=0)
+    taught = [t for t in tasks if spec.expert(t, list(t.prompt)) is not None]
+    assert 0.3 < len(taught) / len(tasks) < 0.7
+    for task in taught[:5]:
+        first = spec.expert(task, list(task.prompt))
+        (tool_call,) = first["tool_calls"]
+        observations, _ = play("price_check", task, [turn(call("cost", **tool_call["function"]["arguments"]))])
+        final = spec.expert(task, list(task.prompt) + [first] + observations[0])
+        _, episode = play("price_check", task, [turn(call("cost", **tool_call["function"]["arguments"])),
+                                                turn(content=final["content"])])
+        assert episode.reward == 1.0
 
 
 # ---- terminal ----

@@ -58,6 +58,18 @@ def test_demonstrations_train_the_model_tokens_of_training_rows_only(tmp_path, t
     assert not eval_prompts & {tok.decode(d.item.tokens[:d.item.prompt_len]) for d in demos}
 
 
+def test_an_expert_that_leaves_a_task_to_rl_demonstrates_only_the_others(tmp_path, tok):
+    cfg = _cfg(tmp_path, "data.path=price_check")
+    rows = load_data(cfg.data, tok).train
+    demos = demonstrations(rows, tok, cfg.rollout.agent)
+    # price_check's expert returns None for half of the tasks: those rows are not taught, the others are
+    # whole episodes (the call, the tool's answer untrained, the final answer).
+    assert 0 < len(demos) < len(rows) == 24
+    for d in demos:
+        mask = d.item.model_mask
+        assert [m for i, m in enumerate(mask) if i == 0 or mask[i - 1] != m] == [1, 0, 1]
+
+
 def test_warm_up_learns_and_a_second_run_takes_the_cache(ray_session, tiny_checkpoint, tmp_path, tok, capsys,
                                                          monkeypatch):
     cfg = _cfg(tmp_path, "data.path=factuality_qa", "warmup.steps=6", "warmup.batch_size=8", "warmup.lr=3e-3")
