@@ -6,7 +6,7 @@ over before.
     python bench/quickstart_learns.py [--experiment quickstart] [--seed 0] [--plot docs/quickstart_eval.png]
         [hydra overrides...]
 
-Lines printed for docs/benchmarks.md: `eval reward delta <family>: +N.NN` and `hallucination rate after/before:
+Lines printed for docs/benchmarks.md: `eval reward delta <kind>: +N.NN` (coding, factuality, agent) and `hallucination rate after/before:
 N.NNx`, plus the wall time, the warm-up's share, the median step split and `step time other/step: N.NNx`
 (the share of step time no named part explains; goal < 0.20). A fresh output directory is used per
 invocation; the warm-up cache (warmup.cache_dir) is shared, so pass --fresh-warmup to time a first run."""
@@ -65,7 +65,7 @@ def main() -> None:
         print(f"  {family}: eval reward {first[key]:+.3f} -> {last[key]:+.3f}")
     for family in families:
         key = f"eval/{family}/raw_reward"
-        print(f"eval reward delta {family}: {last[key] - first[key]:+.2f}")
+        print(f"eval reward delta {_kind(family)}: {last[key] - first[key]:+.2f}")
     for family in families:
         key = f"eval/{family}/hallucination_rate"
         if key in first and key in last:
@@ -105,6 +105,17 @@ def plot_eval_curves(evals: list[dict], families: list[str], path: Path, title: 
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _kind(family: str) -> str:
+    """The issue's name for a task family's kind: an environment's rows are the agent family, a task family is
+    named by its reward (coding_fn -> coding, factuality_qa -> factuality); an unknown name stays as it is."""
+    from rewards.envs.registry import registered_envs
+    from rewards.tasks.registry import load_task_family, registered_task_families
+
+    if family in registered_task_families():
+        return load_task_family(family).reward
+    return "agent" if family in registered_envs() else family
 
 
 def _warmup_seconds(stdout: str) -> float:

@@ -15,12 +15,14 @@ def compose_config(overrides: list[str]) -> dict:
 
 
 def test_quickstart_composes_and_validates():
-    """The README's quickstart is the task mix's two single-turn families: a cached warm-up, then asynchronous
-    RL with held-out evaluation per family from before RL on."""
+    """The README's quickstart is the task mix's recipe on one family of each kind (factuality, coding, the
+    price_check agent task): a cached warm-up, then asynchronous RL with held-out evaluation per family from
+    before RL on."""
     cfg = parse_config(compose_config(["+experiment=quickstart"]))
     assert cfg.model.preset == "tiny"
     assert cfg.logging.wandb_mode == "offline"
-    assert (cfg.data.format, cfg.data.path, cfg.data.eval_split) == ("tasks", "factuality_qa,coding_fn", "heldout")
+    assert (cfg.data.format, cfg.data.path, cfg.data.eval_split) == ("tasks", "factuality_qa,coding_fn,price_check",
+                                                                  "heldout")
     assert cfg.warmup.steps > 0 and cfg.loop.mode == "async" and cfg.trainer.num_steps >= 1
     assert cfg.eval.at_start and cfg.eval.interval >= 1
     task_mix = parse_config(compose_config(["+experiment=task_mix"]))
@@ -32,14 +34,16 @@ def test_quickstart_composes_and_validates():
 def test_quickstart_evaluates_every_held_out_row_it_generates():
     """eval.max_prompts cuts the eval rows (taken from each family in turn): it must not cut the quickstart's, and
     each family must have that many distinct held-out tasks (factuality has 45)."""
-    from rewards.tasks import load_task_family
+    from rewards.envs import load_env
+    from rewards.tasks import load_task_family, registered_task_families
 
     cfg = parse_config(compose_config(["+experiment=quickstart"]))
     families = cfg.data.path.split(",")
     assert cfg.eval.max_prompts >= len(families) * cfg.data.generated_eval_tasks
     for name in families:
-        assert len(load_task_family(name).generate("heldout", cfg.data.generated_eval_tasks)) == \
-            cfg.data.generated_eval_tasks
+        generate = load_task_family(name).generate if name in registered_task_families() else \
+            load_env(name).generate_tasks
+        assert len(generate("heldout", cfg.data.generated_eval_tasks)) == cfg.data.generated_eval_tasks
 
 
 def test_smoke_composes_and_validates():
