@@ -1,7 +1,7 @@
 """The dataset section of the run config (`data.*`) and its checks; trainer/config.py embeds it."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from rollout.config_schema import ConfigError, check as _check, resolve_path
@@ -31,6 +31,9 @@ class DataConfig:
     # names, usually "heldout"), drawn from shuffle_seed.
     generated_tasks: int = 256
     generated_eval_tasks: int = 32
+    # format tasks: train tasks of the named generators instead of generated_tasks (each generator's share of the
+    # training rows, so of every batch), e.g. {factuality_qa: 200, coding_fn: 100}.
+    generated_tasks_by_name: dict[str, int] = field(default_factory=dict)
     max_prompt_tokens: int | None = None
     validate_rows: int | Literal["all"] = "all"
     on_invalid: Literal["strict", "skip"] = "strict"
@@ -43,6 +46,8 @@ def validate_data_config(d: DataConfig) -> DataConfig:
 
     if d.format == "tasks":
         _validate_generated_source(d)
+    _check(d.format == "tasks" or not d.generated_tasks_by_name, "data.generated_tasks_by_name",
+           f"only generated tasks (data.format=tasks) have per-generator counts; data.format is {d.format!r}")
     for key in ("path", "eval_path"):
         value = getattr(d, key)
         if value is None or d.format in ("hub", "tasks"):
@@ -100,3 +105,9 @@ def _validate_generated_source(d: DataConfig) -> None:
            f"the eval split must differ from the train split ({d.split!r}) of the same generators")
     for key, value in (("generated_tasks", d.generated_tasks), ("generated_eval_tasks", d.generated_eval_tasks)):
         _check(value >= 1, f"data.{key}", f"must be >= 1, got {value}")
+    names = generator_names(d.path)
+    for name, count in d.generated_tasks_by_name.items():
+        _check(name in names, f"data.generated_tasks_by_name.{name}",
+               f"{name!r} is not one of data.path's generators {names}")
+        _check(isinstance(count, int) and not isinstance(count, bool) and count >= 1,
+               f"data.generated_tasks_by_name.{name}", f"must be an integer >= 1, got {count!r}")

@@ -153,8 +153,10 @@ def family_rewards(path: str) -> dict[str, tuple[str, dict]]:
     return {f.name: (f.reward, dict(f.reward_kwargs)) for f in families}
 
 
-def read_generated_tasks(names: list[str], split: str, count: int, seed: int = 0) -> Iterator[RawRecord]:
-    """`count` generated tasks of each named generator, in the default field names, family after family: the
+def read_generated_tasks(names: list[str], split: str, count: int, seed: int = 0,
+                         counts: dict[str, int] | None = None) -> Iterator[RawRecord]:
+    """`count` generated tasks of each named generator (`counts[name]` where given), in the default field names,
+    family after family: the
     prompt and tools the model sees and the task family (the generator's name). A task family's row is labelled
     with what its reward reads; an environment's row with the environment and the whole task, which makes the
     rollout run it as an episode (rollout/agent)."""
@@ -163,12 +165,13 @@ def read_generated_tasks(names: list[str], split: str, count: int, seed: int = 0
 
     index = 0  # rows are numbered across all generators, as the lines of one file
     for name in names:
+        count_here = (counts or {}).get(name, count)
         try:
             if name in registered_task_families():
                 family = load_task_family(name)
-                tasks, episodes = family.generate(split, count, seed), False
+                tasks, episodes = family.generate(split, count_here, seed), False
             else:
-                tasks, episodes = load_env(name).generate_tasks(split, count, seed), True
+                tasks, episodes = load_env(name).generate_tasks(split, count_here, seed), True
         except (ValueError, TypeError) as exc:
             raise DataError(f"task generator {name!r}: {exc}") from exc
         for i, t in enumerate(tasks):
@@ -180,12 +183,12 @@ def read_generated_tasks(names: list[str], split: str, count: int, seed: int = 0
 
 
 def read_records(path: str | Path, fmt: str = "auto", split: str = "train", *, generated_tasks: int = 0,
-                 seed: int = 0) -> Iterator[RawRecord]:
+                 seed: int = 0, generated_counts: dict[str, int] | None = None) -> Iterator[RawRecord]:
     """All records of the source, in file order (shards sorted by name). `generated_tasks`, `seed`: how many
-    tasks a `tasks` source makes per generator, and from which seed."""
+    tasks a `tasks` source makes per generator (`generated_counts` for some by name), and from which seed."""
     fmt = detect_format(path, fmt)
     if fmt == "tasks":
-        yield from read_generated_tasks(generator_names(str(path)), split, generated_tasks, seed)
+        yield from read_generated_tasks(generator_names(str(path)), split, generated_tasks, seed, generated_counts)
         return
     if fmt == "hub":
         import datasets

@@ -52,8 +52,10 @@ def _load_one(cfg: "DataConfig", path: str, split: str, tokenizer, label: str) -
     # Generated rows are ours, in the default field names, and always labelled.
     fields = field_map(cfg) if fmt != "tasks" else FieldMap(require_label=True, system_prompt=cfg.system_prompt)
     count = cfg.generated_eval_tasks if label == "eval" else cfg.generated_tasks
+    counts = None if label == "eval" else cfg.generated_tasks_by_name
     rows, report = validate_records(
-        read_records(source, fmt, split, generated_tasks=count, seed=cfg.shuffle_seed), fields,
+        read_records(source, fmt, split, generated_tasks=count, seed=cfg.shuffle_seed, generated_counts=counts),
+        fields,
         source=f"{label} {source}", mode=cfg.on_invalid,
         tokenizer=tokenizer, max_prompt_tokens=cfg.max_prompt_tokens, validate_rows=cfg.validate_rows,
         seed=cfg.shuffle_seed)

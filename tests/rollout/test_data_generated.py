@@ -2,6 +2,8 @@
 labelled for their rewards (episodes for environments), and config errors that name the field."""
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 from transformers import AutoTokenizer
 
@@ -28,8 +30,24 @@ def test_a_mix_of_families_and_an_environment():
                                         "coding_fn": ("coding", {})}
 
 
+def test_per_generator_counts_set_each_family_share_of_the_training_rows():
+    tok = AutoTokenizer.from_pretrained(str(TINY_DIR))
+    cfg = validate_data_config(DataConfig(path="factuality_qa,coding_fn,price_check", format="tasks",
+                                          generated_tasks=6, generated_eval_tasks=2, eval_split="heldout",
+                                          generated_tasks_by_name={"factuality_qa": 9, "price_check": 3}))
+    data = load_data(cfg, tok)
+    assert sorted(Counter(r.task for r in data.train).items()) == [("coding_fn", 6), ("factuality_qa", 9),
+                                                                   ("price_check", 3)]
+    assert sorted(r.index for r in data.train) == list(range(18))
+    assert Counter(r.task for r in data.eval) == {"factuality_qa": 2, "coding_fn": 2, "price_check": 2}
+
+
 @pytest.mark.parametrize("overrides, field, says", [
     ({"path": "nosuch"}, "data.path", "no task family"),
+    ({"path": "coding_fn", "generated_tasks_by_name": {"calculator": 3}}, "data.generated_tasks_by_name.calculator",
+     "not one of data.path's generators"),
+    ({"path": "coding_fn", "generated_tasks_by_name": {"coding_fn": 0}}, "data.generated_tasks_by_name.coding_fn",
+     ">= 1"),
     ({"path": "coding_fn,coding_fn"}, "data.path", "named twice"),
     ({"path": "coding_fn", "split": "test"}, "data.split", "splits"),
     ({"path": "coding_fn", "eval_split": "train"}, "data.eval_split", "must differ"),
