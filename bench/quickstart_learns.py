@@ -6,10 +6,11 @@ over before.
     python bench/quickstart_learns.py [--experiment quickstart] [--seed 0] [--plot docs/quickstart_eval.png]
         [hydra overrides...]
 
-Lines printed for docs/benchmarks.md: `eval reward delta <kind>: +N.NN` (coding, factuality, agent) and `hallucination rate after/before:
-N.NNx`, plus the wall time, the warm-up's share, the median step split and `step time other/step: N.NNx`
-(the share of step time no named part explains; goal < 0.20). A fresh output directory is used per
-invocation; the warm-up cache (warmup.cache_dir) is shared, so pass --fresh-warmup to time a first run."""
+Lines printed for docs/benchmarks.md: `eval reward delta <kind>: +N.NN` (coding, factuality, agent) and
+`hallucination rate after/before: N.NNx`, plus the wall time, the warm-up's share, the median step split and
+`step time other/step: N.NNx` (the share of step time no named part explains; goal < 0.20). A fresh output
+directory is used per invocation; the warm-up cache (warmup.cache_dir) is shared, so pass --fresh-warmup to time
+a first run."""
 from __future__ import annotations
 
 import argparse

@@ -69,10 +69,13 @@ def make_random_checkpoint(preset: str, out_dir: str | Path, seed: int = 0, over
 
 
 def _init_record(preset: str, seed: int, overrides: dict | None) -> dict:
+    return {"preset": preset, "seed": seed, "overrides": overrides or {}, "tokenizer_sha256": _tiny_tokenizer_digest()}
+
+
+def _tiny_tokenizer_digest() -> str:
     import hashlib
 
-    digest = hashlib.sha256(b"".join((TINY_TOKENIZER_DIR / n).read_bytes() for n in _TOKENIZER_FILES)).hexdigest()
-    return {"preset": preset, "seed": seed, "overrides": overrides or {}, "tokenizer_sha256": digest}
+    return hashlib.sha256(b"".join((TINY_TOKENIZER_DIR / n).read_bytes() for n in _TOKENIZER_FILES)).hexdigest()
 
 
 def write_checkpoint_dir(out_dir: str | Path, state: dict[str, torch.Tensor], hf_config: dict,
@@ -123,8 +126,7 @@ def ensure_checkpoint(preset: str, out_dir: str | Path, seed: int = 0) -> Path:
     checkpoint (converted, trained) is used as it is; so is an existing one of another seed, as before."""
     out_dir = Path(out_dir)
     record = out_dir / INIT_RECORD
-    current = _init_record(preset, seed, None)["tokenizer_sha256"]
-    stale = record.is_file() and json.loads(record.read_text()).get("tokenizer_sha256") != current
+    stale = record.is_file() and json.loads(record.read_text()).get("tokenizer_sha256") != _tiny_tokenizer_digest()
     if stale:
         print(f"{out_dir}: the random initial checkpoint was made with an older version of the repo's tokenizer; "
               "making it again", flush=True)

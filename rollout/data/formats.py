@@ -156,10 +156,9 @@ def family_rewards(path: str) -> dict[str, tuple[str, dict]]:
 def read_generated_tasks(names: list[str], split: str, count: int, seed: int = 0,
                          counts: dict[str, int] | None = None) -> Iterator[RawRecord]:
     """`count` generated tasks of each named generator (`counts[name]` where given), in the default field names,
-    family after family: the
-    prompt and tools the model sees and the task family (the generator's name). A task family's row is labelled
-    with what its reward reads; an environment's row with the environment and the whole task, which makes the
-    rollout run it as an episode (rollout/agent)."""
+    family after family: the prompt and tools the model sees and the task family (the generator's name). A task
+    family's row is labelled with what its reward reads; an environment's row with the environment and the whole
+    task, which makes the rollout run it as an episode (rollout/agent)."""
     from rewards.envs import load_env
     from rewards.tasks import load_task_family, registered_task_families
 

@@ -1,5 +1,5 @@
-"""The calculator, price_check and terminal environments: solvable as intended, not payable for the obvious exploits; task
-generators deterministic with a disjoint held-out split; episode metrics."""
+"""The calculator, price_check and terminal environments: solvable as intended, not payable for the obvious
+exploits; task generators deterministic with a disjoint held-out split; episode metrics."""
 from __future__ import annotations
 
 import asyncio
