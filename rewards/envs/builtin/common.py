@@ -22,6 +22,12 @@ def split_of(key: str) -> str:
     return "heldout" if bucket < HELDOUT_FRACTION else "train"
 
 
+def prompt_bucket(task: Task) -> float:
+    """A number in [0, 1) from the task's last prompt message alone: which tasks a generator's demonstrations
+    cover, the same on every machine and for every seed (a task with the same prompt falls in the same bucket)."""
+    return hashlib.sha256(task.prompt[-1]["content"].encode()).digest()[0] / 256
+
+
 def draw_tasks(env: str, split: str, count: int, seed: int,
                candidate: Callable[[random.Random], tuple[str, Callable[[str], Task]]]) -> list[Task]:
     """`count` distinct tasks of `split`: candidates (split key, builder taking the task id) are drawn from a

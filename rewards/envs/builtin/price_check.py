@@ -16,12 +16,11 @@ of the training tasks (as coding_fn's demonstrations; the warm-up teaches the fo
 """
 from __future__ import annotations
 
-import hashlib
 import random
 
 from rewards.api import RewardResult
 from rewards.envs.api import AssistantTurn, Message, StepResult, Task, ToolCall
-from rewards.envs.builtin.common import draw_tasks, final_number, numbers_match
+from rewards.envs.builtin.common import draw_tasks, final_number, numbers_match, prompt_bucket
 from rewards.envs.registry import register_env
 from rewards.envs.tools import ToolEnvironment, ToolError, function_tool
 
@@ -43,7 +42,7 @@ def generate_tasks(split: str, count: int, seed: int = 0) -> list[Task]:
 
 
 def demonstrated(task: Task) -> bool:
-    bucket = hashlib.sha256(task.prompt[-1]["content"].encode()).digest()[0] / 256
+    bucket = prompt_bucket(task)
     return bucket < DEMONSTRATED_FRACTION
 
 

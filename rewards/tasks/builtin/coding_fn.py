@@ -8,11 +8,10 @@ the wrong operation or an off-by-one constant fails. Demonstrations: the one-lin
 and most operations; RL is meant to generalise the rest)."""
 from __future__ import annotations
 
-import hashlib
 import random
 
 from rewards.envs.api import Task
-from rewards.envs.builtin.common import draw_tasks
+from rewards.envs.builtin.common import draw_tasks, prompt_bucket
 from rewards.tasks.registry import TaskFamily, register_task_family
 
 NAME = "coding_fn"
@@ -53,7 +52,7 @@ def generate(split: str, count: int, seed: int = 0) -> list[Task]:
 
 
 def demonstrate(task: Task) -> str | None:
-    bucket = hashlib.sha256(task.prompt[-1]["content"].encode()).digest()[0] / 256
+    bucket = prompt_bucket(task)
     return task.data["solution"] if bucket < DEMONSTRATED_FRACTION else None
 
 

@@ -12,12 +12,11 @@ meant to remove. The label is the true capital in every case: a lucky guess abou
 like any correct answer."""
 from __future__ import annotations
 
-import hashlib
 import random
 
 from rewards.builtin.factuality import ANSWER_FORMATS
 from rewards.envs.api import Task
-from rewards.envs.builtin.common import draw_tasks
+from rewards.envs.builtin.common import draw_tasks, prompt_bucket
 from rewards.tasks.registry import TaskFamily, register_task_family
 
 NAME = "factuality_qa"
@@ -69,7 +68,7 @@ def generate(split: str, count: int, seed: int = 0) -> list[Task]:
 def demonstrate(task: Task) -> str | None:
     if task.data["known"]:
         return task.data["answer"]
-    bucket = hashlib.sha256(task.prompt[-1]["content"].encode()).digest()[0] / 256
+    bucket = prompt_bucket(task)
     return ABSTAIN if bucket < TAUGHT_ABSTENTION_FRACTION else None
 
 
