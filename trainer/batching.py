@@ -5,6 +5,7 @@ all-gathers activations across the expert-parallel group, so a rank with a diffe
 micro-batch) would deadlock or fail inside the collective. Dummy rows carry an all-zero loss mask."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -30,6 +31,7 @@ class TrainItem:
     prox_logprobs: list[float] | None = None   # None: the current policy at the gradient (one optimizer step)
     model_mask: list[int] | None = None        # None: every response token is the model's
     token_advantages: list[float] | None = None
+    weight: float = 1.0  # how many identical samples this row stands for (compact_items)
 
     def __post_init__(self) -> None:
         n_resp = len(self.tokens) - self.prompt_len
@@ -119,6 +121,7 @@ def make_micro_batches(items: list[TrainItem], shape: BatchShape, pad_id: int = 
             # target position t predicts tokens[t+1]; response tokens are tokens[prompt_len:n]
             lo, hi = it.prompt_len - 1, n - 1
             response[i, lo:hi] = 1.0 if it.model_mask is None else torch.tensor(it.model_mask, dtype=torch.float32)
+            response[i, lo:hi] *= it.weight
             mask[i, lo:hi] = response[i, lo:hi] if it.loss_mask is None else \
                 response[i, lo:hi] * torch.tensor(it.loss_mask, dtype=torch.float32)
             adv[i, lo:hi] = it.advantage if it.token_advantages is None else \
@@ -129,6 +132,33 @@ def make_micro_batches(items: list[TrainItem], shape: BatchShape, pad_id: int = 
                 prox[i, lo:hi] = torch.tensor(it.prox_logprobs, dtype=torch.float32)
         batches.append(MicroBatch(tokens, mask, response, adv, behaviour, versions, prox, len(chunk)))
     return batches
+
+
+def compact_items(items: list[TrainItem], keep_at_least: int = 1) -> list[TrainItem]:
+    """The rows a training step has to run for the same gradient. Identical samples (same tokens, advantages,
+    masks, behaviour logprobs and versions: GRPO groups of a confident policy are mostly copies) become one row
+    weighing as many; rows whose every advantage is 0 are left out, their loss and gradient being exactly 0 (the
+    caller still counts their tokens in the loss normaliser). At least `keep_at_least` rows stay, zero-advantage
+    ones contributing nothing, since every data-parallel rank needs a row and the optimizer step must still be
+    taken (Adam moves the weights on a zero gradient too)."""
+    merged: dict[tuple, TrainItem] = {}
+    for it in items:
+        key = _identity(it)
+        seen = merged.get(key)
+        merged[key] = it if seen is None else dataclasses.replace(seen, weight=seen.weight + it.weight)
+    rows = list(merged.values())
+    kept = [it for it in rows if not _zero_advantage(it)]
+    fillers = sorted((it for it in rows if _zero_advantage(it)), key=lambda it: len(it.tokens))
+    return kept + fillers[:max(0, keep_at_least - len(kept))]
+
+
+def _identity(it: TrainItem) -> tuple:
+    return tuple(tuple(v) if isinstance(v, list) else v
+                 for v in (getattr(it, f.name) for f in dataclasses.fields(it) if f.name != "weight"))
+
+
+def _zero_advantage(it: TrainItem) -> bool:
+    return all(a == 0.0 for a in (it.token_advantages if it.token_advantages is not None else [it.advantage]))
 
 
 def train_items(samples: list, advantages: list[float | list[float]], train_version: int,

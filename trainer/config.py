@@ -54,6 +54,10 @@ class TrainerConfig:
     # (AReaL) -- truncated at tis_clip when that is set; tis_clip alone is truncated importance sampling.
     decoupled_ppo: bool = False
     tis_clip: float = 0.0  # 0 = no truncation (and, without decoupled_ppo, no weighting)
+    # Train each batch on its distinct samples only, each weighing as many copies as it has, and skip samples of
+    # zero advantage (trainer/batching.py:compact_items): the same gradient from fewer rows. Off while the MoE
+    # router bias is updated, which counts the tokens routed.
+    compact_batch: bool = True
     # Leave tokens generated more than this many policy versions ago out of the loss; None = keep all.
     max_token_age: int | None = None
     # Auxiliary-loss-free load balancing of the MoE router's selection bias; 0 keeps the checkpoint's bias.

@@ -8,7 +8,7 @@ import ray
 
 from glm5_model.parallel import free_port
 from trainer.actor import TrainRank
-from trainer.batching import TrainItem, longest_first, plan_shape, shard_items
+from trainer.batching import TrainItem, compact_items, longest_first, plan_shape, shard_items
 from trainer.config import TrainerConfig
 
 TrainRankActor = ray.remote(TrainRank)
@@ -66,16 +66,20 @@ class TrainerGroup:
         """Trains on a rollout batch in `trainer.num_minibatches` optimizer steps (consecutive slices of the batch).
         With several steps the proximal logprobs (the policy before the first step) are computed first,
         so later steps' PPO ratios measure how far the policy moved and the clip can act. `train_version` is the
-        policy version being trained (tokens it generated count as current in the metrics)."""
+        policy version being trained (tokens it generated count as current in the metrics). With
+        trainer.compact_batch each slice runs only its distinct samples of non-zero advantage (compact_items); the
+        loss is still normalised by the whole slice's tokens, so the gradient is the same."""
         num_mini = min(self.cfg.num_minibatches, len(items))
-        if num_mini > 1:
-            prox = self.compute_logprobs(items)
-            items = [dataclasses.replace(it, prox_logprobs=p) for it, p in zip(items, prox)]
         bounds = [round(i * len(items) / num_mini) for i in range(num_mini + 1)]
+        chunks = [items[lo:hi] for lo, hi in zip(bounds, bounds[1:])]
+        chunk_tokens = [sum(_loss_tokens(it) for it in chunk) for chunk in chunks]
+        if self.cfg.compact_batch and not self.cfg.moe_router_bias_update_rate:
+            chunks = [compact_items(chunk, keep_at_least=self.dp_size) for chunk in chunks]
+        if num_mini > 1:
+            prox = iter(self.compute_logprobs([it for chunk in chunks for it in chunk]))
+            chunks = [[dataclasses.replace(it, prox_logprobs=next(prox)) for it in chunk] for chunk in chunks]
         steps, compute_s = [], 0.0
-        for lo, hi in zip(bounds, bounds[1:]):
-            chunk = items[lo:hi]
-            global_tokens = sum(_loss_tokens(it) for it in chunk)
+        for chunk, global_tokens in zip(chunks, chunk_tokens):
             per_rank = self._call("train_step", [chunk[i] for i in longest_first(chunk)], global_tokens,
                                   train_version)
             compute_s += max(r.pop("compute_s") for r in per_rank)  # the slowest rank bounds the step
@@ -84,11 +88,16 @@ class TrainerGroup:
             steps.append(({k: sum(r[k] for r in reporting) for k in reporting[0] if k != "grad_norm"},
                           per_rank[0]["grad_norm"]))
         total = {k: sum(s[k] for s, _ in steps) for k in steps[0][0]}
+        # The batch's own token counts; the ranks' sums cover the rows they ran, where a skipped zero-advantage
+        # row would have added nothing to the loss or the clipped count, but would to the other statistics.
+        loss_tokens = sum(_loss_tokens(it) for it in items)
+        response_tokens = sum(_model_tokens(it) for it in items)
+        stale_tokens = sum(_model_tokens(it, stale_of=train_version) for it in items)
         tokens, response = max(total["tokens"], 1.0), max(total["response_tokens"], 1.0)
         current, stale = total["current_tokens"], total["response_tokens"] - total["current_tokens"]
         metrics = {
-            "train/pg_loss": total["pg_loss"] / tokens,
-            "train/pg_clipfrac": total["clipped"] / tokens,
+            "train/pg_loss": total["pg_loss"] / max(loss_tokens, 1.0),
+            "train/pg_clipfrac": total["clipped"] / max(loss_tokens, 1.0),
             "train/ppo_kl": total["approx_kl"] / tokens,
             "train/train_rollout_logprob_abs_diff": total["logprob_abs_diff"] / response,
             "train/train_rollout_logprob_abs_diff_current": total["current_logprob_abs_diff"] / max(current, 1.0),
@@ -96,11 +105,12 @@ class TrainerGroup:
                 (total["logprob_abs_diff"] - total["current_logprob_abs_diff"]) / max(stale, 1.0),
             "train/grad_norm": steps[-1][1],
             "train/grad_norm_mean": sum(g for _, g in steps) / len(steps),
-            "train/response_tokens": total["response_tokens"],
-            "train/loss_tokens": total["tokens"],
-            "train/masked_tokens": total["response_tokens"] - total["tokens"],
-            "train/stale_token_frac": stale / response,
+            "train/response_tokens": response_tokens,
+            "train/loss_tokens": loss_tokens,
+            "train/masked_tokens": response_tokens - loss_tokens,
+            "train/stale_token_frac": stale_tokens / max(response_tokens, 1.0),
             "train/optimizer_steps": float(len(steps)),
+            "train/rows_trained_frac": sum(map(len, chunks)) / max(len(items), 1),
             "perf/train_compute_time": compute_s,
         }
         if self.cfg.tis_clip or self.cfg.decoupled_ppo:
@@ -142,8 +152,19 @@ class TrainerGroup:
 
 
 def _loss_tokens(item: TrainItem) -> float:
-    """Tokens of the item that count in the loss (the model's, not masked out), as make_micro_batches masks them."""
+    """Tokens of the item that count in the loss (the model's, not masked out), as make_micro_batches masks them,
+    times the copies the item stands for."""
     n = len(item.tokens) - item.prompt_len
     model = item.model_mask or [1] * n
     loss = item.loss_mask or [1.0] * n
-    return float(sum(m * w for m, w in zip(model, loss)))
+    return item.weight * float(sum(m * w for m, w in zip(model, loss)))
+
+
+def _model_tokens(item: TrainItem, stale_of: int | None = None) -> float:
+    """The item's model tokens (times its copies); with `stale_of`, only those of versions other than that one."""
+    n = len(item.tokens) - item.prompt_len
+    model = item.model_mask or [1] * n
+    if stale_of is not None:
+        versions = item.rollout_versions or [stale_of] * n
+        model = [m * (v != stale_of) for m, v in zip(model, versions)]
+    return item.weight * float(sum(model))
