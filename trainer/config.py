@@ -111,7 +111,11 @@ class WarmupConfig:
     """Supervised warm-up before RL (trainer/warmup.py): `steps` optimizer steps on demonstrations of the run's
     training rows (task families' and environments' experts), by the trainer itself; the result is cached under
     `cache_dir` by a key of everything it depends on, so a second run starts RL from it at once. 0 = none."""
-    steps: int = 0
+    steps: int = 0         # optimizer steps; with target_nll, the most it takes
+    # Stop teaching a task family once its last target_window steps average this loss or less (the other
+    # families get the steps; the warm-up ends when all are there). None: `steps` steps, families drawn by size.
+    target_nll: float | None = None
+    target_window: int = 20
     lr: float = 1.0e-3
     batch_size: int = 16   # demonstrations per optimizer step, at most ...
     batch_tokens: int = 4096  # ... this many tokens (rows of long families, agent episodes, come fewer per step)
@@ -191,6 +195,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(w.lr > 0, "warmup.lr", f"must be > 0, got {w.lr}")
     _check(w.batch_size >= 1, "warmup.batch_size", f"must be >= 1, got {w.batch_size}")
     _check(w.batch_tokens >= 1, "warmup.batch_tokens", f"must be >= 1, got {w.batch_tokens}")
+    _check(w.target_nll is None or w.target_nll > 0, "warmup.target_nll",
+           f"must be > 0 or null (train every family for warmup.steps), got {w.target_nll}")
+    _check(w.target_window >= 1, "warmup.target_window", f"must be >= 1, got {w.target_window}")
     e = cfg.eval
     _check(e.interval >= 0, "eval.interval", f"must be >= 0 (0 = never), got {e.interval}")
     for path, value in [("eval.max_prompts", e.max_prompts), ("eval.samples_per_prompt", e.samples_per_prompt),

@@ -38,10 +38,12 @@ def init_wandb(cfg: RunConfig, resume_id: str | None = None):
 
 
 def log_warmup(run, checkpoint: Path) -> None:
-    """The warm-up's loss curve (its record beside the warmed-up checkpoint, trainer/warmup.py) on warmup/step."""
+    """The warm-up's loss curve (its record beside the warmed-up checkpoint, trainer/warmup.py) on warmup/step,
+    and each task family's (a step trains one family)."""
     record = json.loads((checkpoint / "warmup.json").read_text())
-    for i, nll in enumerate(record["nll"]):
-        run.log({"warmup/step": i + 1, "warmup/nll": nll})
+    families = record.get("family") or [None] * len(record["nll"])
+    for i, (nll, family) in enumerate(zip(record["nll"], families)):
+        run.log({"warmup/step": i + 1, "warmup/nll": nll, **({f"warmup/{family}/nll": nll} if family else {})})
     run.summary["warmup/demonstrations"] = record["demonstrations"]
     run.summary["warmup/seconds"] = record["seconds"]
 

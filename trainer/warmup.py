@@ -111,20 +111,29 @@ def warm_up(cfg: RunConfig, init_checkpoint: Path, rows: list[PromptRow], tokeni
     tasks = sorted(by_task)
     rows = {t: max(1, min(w.batch_size, len(by_task[t]), w.batch_tokens // max(len(it.tokens) for it in by_task[t])))
             for t in tasks}
-    rng, curve, t0 = random.Random(w.seed), [], time.perf_counter()
+    rng, curve, families, t0 = random.Random(w.seed), [], [], time.perf_counter()
+    schedule = FamilySchedule({t: len(by_task[t]) for t in tasks}, w.target_nll, w.target_window, rng)
     try:
         for step in range(w.steps):
-            task = rng.choices(tasks, weights=[len(by_task[t]) for t in tasks])[0]
+            task = schedule.next()
+            if task is None:
+                print(f"warm-up: every family's loss is below warmup.target_nll {w.target_nll} after {step} steps",
+                      flush=True)
+                break
             m = trainer.sft_step(rng.sample(by_task[task], rows[task]))
             curve.append(round(m["nll"], 5))
+            families.append(task)
+            schedule.record(task, m["nll"])
             if step == 0 or (step + 1) % max(1, w.steps // 10) == 0 or step + 1 == w.steps:
+                recent = ", ".join(f"{t} {nll:.3f}" for t, nll in recent_nll(curve, families).items())
                 print(f"warm-up step {step + 1}/{w.steps} nll {m['nll']:.4f} grad_norm {m['grad_norm']:.3f} "
-                      f"({time.perf_counter() - t0:.0f}s)", flush=True)
+                      f"(recent by family: {recent}) ({time.perf_counter() - t0:.0f}s)", flush=True)
         trainer.save_hf_checkpoint(str(out))
     finally:
         trainer.shutdown()
-    record.write_text(json.dumps({"key": out.name, "steps": w.steps, "demonstrations": len(items),
-                                  "seconds": round(time.perf_counter() - t0, 1), "nll": curve}) + "\n")
+    record.write_text(json.dumps({"key": out.name, "steps": len(curve), "demonstrations": len(items),
+                                  "seconds": round(time.perf_counter() - t0, 1), "nll": curve,
+                                  "family": families}) + "\n")
     return out
 
 
@@ -147,6 +156,43 @@ def cache_key(cfg: RunConfig, init_checkpoint: Path, items: list[TrainItem]) -> 
     for it in items:
         h.update(json.dumps([it.tokens, it.prompt_len, it.model_mask]).encode())
     return h.hexdigest()[:20]
+
+
+@dataclasses.dataclass
+class FamilySchedule:
+    """Which task family each warm-up step trains: drawn in proportion to its demonstrations. With a target loss,
+    a family whose last `window` steps average at most `target_nll` is done and no longer drawn, so the steps go
+    to the families still learning (how many a family needs varies with the seed and the data); next() is None
+    once every family is done."""
+
+    sizes: dict[str, int]
+    target_nll: float | None
+    window: int
+    rng: random.Random
+    losses: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+
+    def done(self, family: str) -> bool:
+        recent = self.losses.get(family, [])[-self.window:]
+        return self.target_nll is not None and len(recent) == self.window and \
+            sum(recent) / self.window <= self.target_nll
+
+    def next(self) -> str | None:
+        open_families = [t for t in sorted(self.sizes) if not self.done(t)]
+        if not open_families:
+            return None
+        return self.rng.choices(open_families, weights=[self.sizes[t] for t in open_families])[0]
+
+    def record(self, family: str, nll: float) -> None:
+        self.losses.setdefault(family, []).append(nll)
+
+
+def recent_nll(curve: list[float], families: list[str], window: int = 20) -> dict[str, float]:
+    """Each family's mean loss over its last `window` warm-up steps (a step trains one family)."""
+    out: dict[str, list[float]] = {}
+    for nll, family in zip(reversed(curve), reversed(families)):
+        if len(out.setdefault(family, [])) < window:
+            out[family].append(nll)
+    return {family: sum(v) / len(v) for family, v in sorted(out.items())}
 
 
 def _count_by_task(demos: list[Demonstration]) -> str:

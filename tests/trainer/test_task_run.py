@@ -7,6 +7,7 @@ histograms and a table of samples."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -43,9 +44,10 @@ def test_task_mix_run_logs_families_episodes_tables_and_histograms(tmp_path):
             "rollout/coding_fn/raw_reward", "rollout/calculator/raw_reward", "eval/factuality_qa/raw_reward",
             "eval/factuality_qa/hallucination_rate", "eval/coding_fn/raw_reward", "eval/calculator/raw_reward",
             "rollout/reward_hist", "train/advantage_hist", "rollout/response_len_hist", "rollout/staleness/hist",
-            "rollout/samples"]
+            "rollout/samples", "train/rows_trained_frac"]
     missing = [k for k in keys if k.encode() not in logged]
     assert not missing, f"missing from the W&B run: {missing}"
+    assert re.search(rb"warmup/(calculator|coding_fn|factuality_qa)/nll", logged), "no warm-up loss per family"
     # Each histogram is a record of _type "histogram": four per step.
     assert logged.count(b'"histogram"') >= 8
     tables = list(run.parent.glob("files/media/table/rollout/samples_*.table.json"))

@@ -3,6 +3,8 @@ model's tokens only, no held-out eval row in the warm-up or in RL's rows, a loss
 second run takes its weights from without training."""
 from __future__ import annotations
 
+import random
+
 import pytest
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
@@ -11,7 +13,7 @@ from glm5_model.tokenizer.build import TINY_DIR
 from rollout.data import load_data
 from rollout.data.render import render_prompt
 from trainer.config import parse_config
-from trainer.warmup import demonstrations, warm_up
+from trainer.warmup import FamilySchedule, demonstrations, warm_up
 
 from .test_config import compose_config
 
@@ -70,6 +72,32 @@ def test_an_expert_that_leaves_a_task_to_rl_demonstrates_only_the_others(tmp_pat
         assert [m for i, m in enumerate(mask) if i == 0 or mask[i - 1] != m] == [1, 0, 1]
 
 
+def test_without_a_target_families_are_drawn_by_their_demonstrations_for_every_step():
+    schedule = FamilySchedule({"a": 30, "b": 10}, None, 5, random.Random(0))
+    draws = []
+    for _ in range(400):
+        draws.append(schedule.next())
+        schedule.record(draws[-1], 0.0)
+    assert 0.65 < draws.count("a") / len(draws) < 0.85 and None not in draws
+
+
+def test_a_family_at_the_target_loss_gives_its_steps_to_the_others_until_all_are_there():
+    # "a" learns fast (its loss halves each step), "b" slowly; the target is judged on each family's last 3 steps.
+    schedule = FamilySchedule({"a": 30, "b": 10}, 0.1, 3, random.Random(0))
+    loss, draws = {"a": 1.0, "b": 1.0}, []
+    while (family := schedule.next()) is not None:
+        draws.append(family)
+        loss[family] *= 0.5 if family == "a" else 0.9
+        schedule.record(family, loss[family])
+        assert len(draws) < 1000
+    first_b_done = max(i for i, f in enumerate(draws) if f == "b")
+    a_done = max(i for i, f in enumerate(draws) if f == "a")
+    # "a" reached the target after a handful of its steps and was not drawn again; "b" kept learning alone.
+    assert draws.count("a") < 10 and a_done < first_b_done and draws[a_done + 1:] == ["b"] * (len(draws) - a_done - 1)
+    assert sum(schedule.losses["b"][-3:]) / 3 <= 0.1 < sum(schedule.losses["b"][-4:-1]) / 3
+    assert schedule.done("a") and schedule.done("b")
+
+
 def test_warm_up_learns_and_a_second_run_takes_the_cache(ray_session, tiny_checkpoint, tmp_path, tok, capsys,
                                                          monkeypatch):
     cfg = _cfg(tmp_path, "data.path=factuality_qa", "warmup.steps=6", "warmup.batch_size=8", "warmup.lr=3e-3")
@@ -93,3 +121,15 @@ def test_warm_up_learns_and_a_second_run_takes_the_cache(ray_session, tiny_check
     other = _cfg(tmp_path, "data.path=factuality_qa", "warmup.steps=7", "warmup.batch_size=8", "warmup.lr=3e-3")
     with pytest.raises(AssertionError, match="trained again"):
         warm_up(other, tiny_checkpoint, rows, tok)
+
+
+def test_a_warm_up_with_a_target_loss_stops_once_every_family_is_there(ray_session, tiny_checkpoint, tmp_path, tok,
+                                                                        capsys):
+    # Any loss is below 1000: each family is done after its first target_window (2) steps, the warm-up after 4.
+    cfg = _cfg(tmp_path, "data.path='factuality_qa,coding_fn'", "warmup.steps=50", "warmup.batch_size=4",
+               "warmup.target_nll=1000", "warmup.target_window=2")
+    record = __import__("json").loads((warm_up(cfg, tiny_checkpoint, load_data(cfg.data, tok).train, tok)
+                                       / "warmup.json").read_text())
+    assert record["steps"] == len(record["nll"]) == 4
+    assert sorted(record["family"]) == ["coding_fn", "coding_fn", "factuality_qa", "factuality_qa"]
+    assert "every family's loss is below warmup.target_nll 1000.0 after 4 steps" in capsys.readouterr().out
