@@ -81,21 +81,25 @@ def test_without_a_target_families_are_drawn_by_their_demonstrations_for_every_s
     assert 0.65 < draws.count("a") / len(draws) < 0.85 and None not in draws
 
 
-def test_a_family_at_the_target_loss_gives_its_steps_to_the_others_until_all_are_there():
-    # "a" learns fast (its loss halves each step), "b" slowly; the target is judged on each family's last 3 steps.
+def test_a_family_at_the_target_loss_gives_most_of_its_steps_to_the_others_until_all_are_there():
+    # "a" learns fast (its loss falls 30% on each of its steps) and forgets a little on each step of "b", which
+    # learns slowly; the target is judged on each family's last 3 steps.
     schedule = FamilySchedule({"a": 30, "b": 10}, 0.1, 3, random.Random(0))
     loss, draws = {"a": 1.0, "b": 1.0}, []
     while (family := schedule.next()) is not None:
-        draws.append(family)
-        loss[family] *= 0.5 if family == "a" else 0.9
+        draws.append((family, schedule.done("a")))
+        loss[family] *= 0.7 if family == "a" else 0.97
+        if family == "b":
+            loss["a"] *= 1.05
         schedule.record(family, loss[family])
         assert len(draws) < 1000
-    first_b_done = max(i for i, f in enumerate(draws) if f == "b")
-    a_done = max(i for i, f in enumerate(draws) if f == "a")
-    # "a" reached the target after a handful of its steps and was not drawn again; "b" kept learning alone.
-    assert draws.count("a") < 10 and a_done < first_b_done and draws[a_done + 1:] == ["b"] * (len(draws) - a_done - 1)
+    learning = [f for f, a_done in draws if not a_done]
+    rehearsing = [f for f, a_done in draws if a_done]
+    # While learning, "a" has 3/4 of the steps (its share of demonstrations); once at the target, a quarter of
+    # that weight: 30 * 0.25 / (30 * 0.25 + 10) = 0.43 of the steps, rehearsal that keeps it under the target.
+    assert learning.count("a") / len(learning) > 0.6 and 0.2 < rehearsing.count("a") / len(rehearsing) < 0.55
+    assert len(rehearsing) > 20 and schedule.done("a") and schedule.done("b")
     assert sum(schedule.losses["b"][-3:]) / 3 <= 0.1 < sum(schedule.losses["b"][-4:-1]) / 3
-    assert schedule.done("a") and schedule.done("b")
 
 
 def test_warm_up_learns_and_a_second_run_takes_the_cache(ray_session, tiny_checkpoint, tmp_path, tok, capsys,
@@ -125,11 +129,13 @@ def test_warm_up_learns_and_a_second_run_takes_the_cache(ray_session, tiny_check
 
 def test_a_warm_up_with_a_target_loss_stops_once_every_family_is_there(ray_session, tiny_checkpoint, tmp_path, tok,
                                                                         capsys):
-    # Any loss is below 1000: each family is done after its first target_window (2) steps, the warm-up after 4.
+    # Any loss is below 1000: each family is done after its first target_window (2) steps, and the warm-up ends
+    # once both are, long before warmup.steps.
     cfg = _cfg(tmp_path, "data.path='factuality_qa,coding_fn'", "warmup.steps=50", "warmup.batch_size=4",
                "warmup.target_nll=1000", "warmup.target_window=2")
     record = __import__("json").loads((warm_up(cfg, tiny_checkpoint, load_data(cfg.data, tok).train, tok)
                                        / "warmup.json").read_text())
-    assert record["steps"] == len(record["nll"]) == 4
-    assert sorted(record["family"]) == ["coding_fn", "coding_fn", "factuality_qa", "factuality_qa"]
-    assert "every family's loss is below warmup.target_nll 1000.0 after 4 steps" in capsys.readouterr().out
+    steps, families = record["steps"], record["family"]
+    assert steps == len(record["nll"]) == len(families) < 20, record
+    assert min(families.count("coding_fn"), families.count("factuality_qa")) == 2, families
+    assert f"every family's loss is below warmup.target_nll 1000.0 after {steps} steps" in capsys.readouterr().out
