@@ -116,6 +116,7 @@ class RolloutManager:
         self._threads: list[threading.Thread] = []
         self._paused_engines = False
         self._last_batch_t = time.monotonic()
+        self._reward_totals: dict[str, int] = {}
         self._generated_at: dict[int, float] = {}  # group id -> when its generation finished (queued for scoring)
         a = rollout.agent
         self.agents = AgentDriver(self.tokenizer, EnvSettings(a.step_timeout_s, a.episode_timeout_s, a.max_turns,
@@ -431,7 +432,17 @@ class RolloutManager:
         return {**sample_metrics(samples, "rollout", "reward", self.reward_names),
                 **{f"rollout/flow/{k}": v for k, v in self.flow.metrics().items()}, **pool,
                 "rollout/engine_idle_frac": min(1.0, idle), "rollout/engine_version": float(self.flow.version),
-                "rollout/groups": float(len(batch)), "rollout/duplicate_response_frac": duplicate_response_frac(batch)}
+                "rollout/groups": float(len(batch)), "rollout/duplicate_response_frac": duplicate_response_frac(batch),
+                **self._reward_call_counts()}
+
+    def _reward_call_counts(self) -> dict[str, float]:
+        """Reward functions run, and results taken from the reward cache (reward.cache_size), since the last batch,
+        over every reward runner (evaluations' calls included)."""
+        totals = {k: sum(r.stats[k] for r in (self.rewards, *self.task_rewards.values()))
+                  for k in ("calls", "cache_hits")}
+        delta = {k: v - self._reward_totals.get(k, 0) for k, v in totals.items()}
+        self._reward_totals = totals
+        return {"rollout/reward_calls": float(delta["calls"]), "rollout/reward_cache_hits": float(delta["cache_hits"])}
 
     def _describe(self) -> str:
         m = self.flow.metrics()

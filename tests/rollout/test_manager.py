@@ -309,6 +309,9 @@ def test_rows_are_scored_by_their_task_reward_and_reported_per_task(ray_session,
     assert metrics["rollout/facts/samples"] == 4.0 and "rollout/facts/hallucination_rate" in metrics
     assert metrics["rollout/facts/raw_reward"] <= 0.0  # random tokens never name Quell
     assert "eval/facts/raw_reward" in evaluated and "eval/facts/abstention_rate" in evaluated
+    # Each group's distinct responses were scored once (RunnerSettings.dedupe); no cache was configured.
+    distinct = len({(s.group_id, s.response_text) for s in batch.samples})
+    assert (metrics["rollout/reward_calls"], metrics["rollout/reward_cache_hits"]) == (distinct, 0.0)
 
 
 def test_a_stuck_step_says_what_the_batch_waits_on(ray_session, tiny_checkpoint):
