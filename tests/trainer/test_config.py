@@ -33,7 +33,7 @@ def test_quickstart_composes_and_validates():
 
 def test_quickstart_evaluates_every_held_out_row_it_generates():
     """eval.max_prompts cuts the eval rows (taken from each family in turn): it must not cut the quickstart's, and
-    each family must have that many distinct held-out tasks (factuality has 45)."""
+    each family must have that many distinct held-out tasks (factuality has 95)."""
     from rewards.envs import load_env
     from rewards.tasks import load_task_family, registered_task_families
 

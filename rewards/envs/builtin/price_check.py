@@ -11,8 +11,11 @@ Outcome: 1 when the final answer equals quantity x unit price for the quantity a
 per task and only the tool reveals it, so an answer without a call is a guess; a call for another quantity (the
 unit price included) returns another number, and copying that scores 0; what the model says the tool returned,
 several numbers in the answer and an episode that ends before a final answer score 0. The split is decided by the
-quantity, so a held-out task asks for a quantity no training task asks for. Demonstrations: the expert plays half
-of the training tasks (as coding_fn's demonstrations; the warm-up teaches the format, RL the rest).
+quantity, so a held-out task asks for a quantity no training task asks for. Quantities run to 999, so that few
+training tasks share one: with 2-99, each quantity was asked ~2.5 times and at some seeds the model learned the
+training quantities' calls by heart, calling `cost` with the wrong quantity on every held-out task.
+Demonstrations: the expert plays half of the training tasks (as coding_fn's demonstrations; the warm-up teaches the
+format, RL the rest).
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from rewards.envs.builtin.common import draw_tasks, final_number, numbers_match,
 from rewards.envs.registry import register_env
 from rewards.envs.tools import ToolEnvironment, ToolError, function_tool
 
-QUANTITIES = range(2, 100)
+QUANTITIES = range(2, 1000)  # 2-999
 PRICES = range(2, 21)
 TOOLS = [function_tool("cost", "The price of a quantity of the item, in dollars.", {"quantity": {"type": "integer"}})]
 DEMONSTRATED_FRACTION = 0.5

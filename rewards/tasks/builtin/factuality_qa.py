@@ -3,8 +3,10 @@
 
 The world has 64 countries, each with a capital; names are made from syllables, so no pretrained knowledge
 helps. Half of them are in the fact base the warm-up teaches (`known`); for the other half every answer is a guess,
-and the right response is to abstain. A task is one (country, question phrasing) pair; the split is decided by
-that pair, so the held-out split asks about the same countries in phrasings no training row uses.
+and the right response is to abstain. A task is one (country, question phrasing) pair of 64 x 8; the split is
+decided by that pair, so the held-out split (95 pairs) asks about the same countries in phrasings no training row
+uses for them. With four phrasings instead of eight the tiny model tied what it learned to the phrasing more than
+to the country: held-out hallucination stalled near 0.4 (docs/benchmarks.md).
 
 Demonstrations (what the warm-up teaches): the capital for known countries; "I don't know." for a quarter of the
 unknown-country tasks only, so a warmed-up policy abstains sometimes but mostly guesses -- the hallucination RL is
@@ -22,7 +24,9 @@ from rewards.tasks.registry import TaskFamily, register_task_family
 NAME = "factuality_qa"
 NUM_COUNTRIES = 64
 TEMPLATES = ("What is the capital of {c}?", "Which city is the capital of {c}?", "Name the capital city of {c}.",
-             "{c} has which city as its capital?")
+             "{c} has which city as its capital?", "Tell me the capital of {c}.",
+             "What city serves as the capital of {c}?", "The capital of {c} is which city?",
+             "In {c}, which city is the capital?")
 ABSTAIN = "I don't know."
 TAUGHT_ABSTENTION_FRACTION = 0.25
 _ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kr", "tr", "st"]
