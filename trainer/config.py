@@ -112,8 +112,9 @@ class WarmupConfig:
     training rows (task families' and environments' experts), by the trainer itself; the result is cached under
     `cache_dir` by a key of everything it depends on, so a second run starts RL from it at once. 0 = none."""
     steps: int = 0         # optimizer steps; with target_nll, the most it takes
-    # Stop teaching a task family once its last target_window steps average this loss or less (the other
-    # families get the steps; the warm-up ends when all are there). None: `steps` steps, families drawn by size.
+    # A task family whose last target_window steps average this loss or less is done: drawn a quarter as often
+    # (rehearsed, not dropped), most steps going to the others; the warm-up ends when all are done at once.
+    # None: `steps` steps, families drawn by their number of demonstrations.
     target_nll: float | None = None
     target_window: int = 20
     lr: float = 1.0e-3

@@ -126,7 +126,7 @@ def warm_up(cfg: RunConfig, init_checkpoint: Path, rows: list[PromptRow], tokeni
             families.append(task)
             schedule.record(task, m["nll"])
             if step == 0 or (step + 1) % max(1, w.steps // 10) == 0 or step + 1 == w.steps:
-                recent = ", ".join(f"{t} {nll:.3f}" for t, nll in recent_nll(curve, families).items())
+                recent = ", ".join(f"{t} {nll:.3f}" for t, nll in schedule.recent_nll().items())
                 print(f"warm-up step {step + 1}/{w.steps} nll {m['nll']:.4f} grad_norm {m['grad_norm']:.3f} "
                       f"(recent by family: {recent}) ({time.perf_counter() - t0:.0f}s)", flush=True)
         trainer.save_hf_checkpoint(str(out))
@@ -179,6 +179,10 @@ class FamilySchedule:
         return self.target_nll is not None and len(recent) == self.window and \
             sum(recent) / self.window <= self.target_nll
 
+    def recent_nll(self) -> dict[str, float]:
+        """Each family's mean loss over its last `window` steps (fewer where it has had fewer)."""
+        return {t: sum(v[-self.window:]) / len(v[-self.window:]) for t, v in sorted(self.losses.items())}
+
     def next(self) -> str | None:
         families = sorted(self.sizes)
         done = [self.done(t) for t in families]
@@ -189,15 +193,6 @@ class FamilySchedule:
 
     def record(self, family: str, nll: float) -> None:
         self.losses.setdefault(family, []).append(nll)
-
-
-def recent_nll(curve: list[float], families: list[str], window: int = 20) -> dict[str, float]:
-    """Each family's mean loss over its last `window` warm-up steps (a step trains one family)."""
-    out: dict[str, list[float]] = {}
-    for nll, family in zip(reversed(curve), reversed(families)):
-        if len(out.setdefault(family, [])) < window:
-            out[family].append(nll)
-    return {family: sum(v) / len(v) for family, v in sorted(out.items())}
 
 
 def _count_by_task(demos: list[Demonstration]) -> str:
