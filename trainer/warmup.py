@@ -35,7 +35,7 @@ from trainer.config import RunConfig, resolve_path
 log = logging.getLogger("slipstream")
 RECORD = "warmup.json"
 DONE_WEIGHT = 0.25  # how often a family at warmup.target_nll is still drawn, relative to one still learning
-_KEY_VERSION = 1
+_KEY_VERSION = 2  # 2: families drawn by FamilySchedule (target loss, rehearsal)
 
 
 @dataclasses.dataclass(frozen=True)
