@@ -3,11 +3,15 @@ a long tail of response lengths (lognormal budgets, median 16 tokens, longest 8x
 budget with ignore_eos), then the discrete-event model (bench/loop_sim.py) fed this machine's measured costs, to
 see how well it reproduces the measured ratios, and fed GLM-5-scale inputs.
 
-    python bench/async_loop.py [--steps 12] [--modes sync,one_step_off,async]
+    python bench/async_loop.py [--steps 20] [--rounds 3] [--modes sync,one_step_off,async] [--prompts 8 --samples 8]
 
-Each mode runs the real loop (trainer.main.run) in turn, --rounds times interleaved (the machine is noisy; the
-best run of each mode counts); samples/s is taken from the run's trace (trace/batches.jsonl: when each step
-finished training) over every step after the first, so start-up and the first step's warm-up are left out."""
+A step's batch is the quickstart's (8 prompts x 8 samples, conf/experiment/task_mix.yaml) unless --prompts and
+--samples say otherwise. Each mode runs the real loop (trainer.main.run) in turn, --rounds times interleaved;
+samples/s is taken from the run's trace (trace/batches.jsonl: when each step finished training) over every step
+after the first, so start-up and the first step's warm-up are left out. A mode's ratio to sync is the median over
+rounds of its run's samples/s over the sync run's of the same round: this machine's speed drifts by 10-20% within
+minutes, which a round's two runs, a minute apart, mostly share. The best run of each mode is shown too, and is
+what the loop model is calibrated from."""
 from __future__ import annotations
 
 import argparse
@@ -52,25 +56,26 @@ def budget(rng: random.Random) -> int:
     return max(1, min(LONGEST, round(rng.lognormvariate(math.log(MEDIAN), 1.0))))
 
 
-def compose_cfg(mode: str, steps: int, out: Path):
+def compose_cfg(mode: str, steps: int, out: Path, prompts: int = 8, samples: int = 8):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
     from trainer.config import parse_config
 
     overrides = ["+experiment=smoke", f"loop.mode={mode}", f"trainer.num_steps={steps}",
-                 f"rollout.max_new_tokens={LONGEST}", "rollout.max_staleness=2", "logging.wandb_mode=disabled",
+                 f"rollout.max_new_tokens={LONGEST}", "rollout.max_staleness=2",
+                 f"rollout.prompts_per_step={prompts}", f"rollout.samples_per_prompt={samples}", "logging.wandb_mode=disabled",
                  f"output_dir={out}", "checkpoint.save_interval=0"]
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
         cfg = compose(config_name="config", overrides=overrides)
     return parse_config(OmegaConf.to_container(cfg, resolve=True))
 
 
-def measure(mode: str, steps: int, root: Path) -> dict:
+def measure(mode: str, steps: int, root: Path, prompts: int, samples: int) -> dict:
     from trainer.main import run
 
     out = root / mode
-    cfg = compose_cfg(mode, steps, out)
+    cfg = compose_cfg(mode, steps, out, prompts, samples)
     t0 = time.time()
     history = run(cfg, manager_actor=ray.remote(max_concurrency=8)(LongTailManager))
     trace = [json.loads(line) for line in (out / "trace" / "batches.jsonl").read_text().splitlines()]
@@ -107,13 +112,14 @@ def engine_step_costs(checkpoint: str) -> tuple[float, float]:
     return one - per_request, per_request
 
 
-def calibrated(measured: dict[str, dict], step_costs: tuple[float, float]) -> SimParams:
+def calibrated(measured: dict[str, dict], step_costs: tuple[float, float], prompts: int, samples: int
+               ) -> SimParams:
     """Loop-model inputs from this machine: the engine's step costs; training per token and push time from the
     sync run (medians over its steps; nothing overlaps there); and the core contention as how much slower a
     training token is in the async run, where generation runs beside training on the same two cores."""
     sync = measured["sync"]
     overlapped = measured.get("async") or measured.get("one_step_off") or sync
-    return SimParams(groups_per_batch=4, group_size=4, median_len=MEDIAN, max_len=LONGEST, sigma=1.0,
+    return SimParams(groups_per_batch=prompts, group_size=samples, median_len=MEDIAN, max_len=LONGEST, sigma=1.0,
                      prompt_len=30, engines=1, fixed_s=step_costs[0], per_request_s=step_costs[1],
                      train_fixed_s=0.0, train_per_token_s=sync["train_s_per_token"],
                      sync_s=sync["perf/update_weights_time"], max_staleness=2, batches=200,
@@ -123,15 +129,17 @@ def calibrated(measured: dict[str, dict], step_costs: tuple[float, float]) -> Si
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--rounds", type=int, default=2, help="runs of each mode, interleaved; the best one counts")
+    ap.add_argument("--rounds", type=int, default=5, help="runs of each mode, interleaved")
     ap.add_argument("--modes", default="sync,one_step_off,async")
+    ap.add_argument("--prompts", type=int, default=8, help="prompts per step (the quickstart's 8)")
+    ap.add_argument("--samples", type=int, default=8, help="samples per prompt (the quickstart's 8)")
     args = ap.parse_args()
     modes = args.modes.split(",")
     runs: dict[str, list[dict]] = {m: [] for m in modes}
     with tempfile.TemporaryDirectory() as tmp:
         for k in range(args.rounds):
             for m in modes:
-                runs[m].append(measure(m, args.steps, Path(tmp) / f"round{k}"))
+                runs[m].append(measure(m, args.steps, Path(tmp) / f"round{k}", args.prompts, args.samples))
     measured = {m: max(rs, key=lambda r: r["samples_per_s"]) for m, rs in runs.items()}
     for m, r in measured.items():
         spread = ", ".join(f"{x['samples_per_s']:.2f}" for x in runs[m])
@@ -139,7 +147,9 @@ def main() -> None:
               f"{r['perf/rollout_time']:.2f}s train {r['perf/train_time']:.2f}s sync {r['perf/update_weights_time']:.2f}s")
     base = measured["sync"]["samples_per_s"]
     for m in modes[1:]:
-        print(f"{m}/sync: {measured[m]['samples_per_s'] / base:.2f}x")
+        paired = [r["samples_per_s"] / s["samples_per_s"] for r, s in zip(runs[m], runs["sync"])]
+        print(f"{m}/sync: {statistics.median(paired):.2f}x (median of the rounds' "
+              f"{', '.join(f'{x:.3f}' for x in paired)}; best runs: {measured[m]['samples_per_s'] / base:.3f})")
     from glm5_model.hf_checkpoint import ensure_checkpoint
     from trainer.config import resolve_path
 
@@ -147,12 +157,12 @@ def main() -> None:
     checkpoint = ensure_checkpoint(cfg.model.preset, resolve_path(cfg.model.checkpoint_dir), cfg.model.init_seed)
     costs = engine_step_costs(str(checkpoint))
     print(f"engine decode step: {costs[0] * 1e3:.2f} ms + {costs[1] * 1e3:.3f} ms per running request")
-    p = calibrated(measured, costs)
+    p = calibrated(measured, costs, args.prompts, args.samples)
     print(f"core contention (async / sync training time per token): {p.contention:.2f}x")
     sim = {m: simulate(m, p).samples_per_s for m in modes}
     for m in modes[1:]:
         meas, model = measured[m]["samples_per_s"] / base, sim[m] / sim["sync"]
-        print(f"model {m}/sync on this machine's costs: {model:.2f}x (measured {meas:.2f}x, "
+        print(f"model {m}/sync on this machine's costs: {model:.2f}x (best runs {meas:.2f}x, "
               f"off by {abs(model - meas) / meas:.0%})")
     big = {m: simulate(m, GLM5_SCALE) for m in ("sync", "async")}
     print(f"simulated async/sync: {big['async'].samples_per_s / big['sync'].samples_per_s:.2f}x "
