@@ -47,6 +47,8 @@ _FLUSH_RETRIES = 10
 # A health check's request that times out while the engine's processes used at least this share of the wait in CPU
 # time is queued behind work, not hung (see health()).
 _BUSY_CPU_FRACTION = 0.1
+# How long collect() holds finished results for requests still running to finish too (see collect()).
+RESULT_LINGER_S = float(os.environ.get("SLIPSTREAM_RESULT_LINGER_S", "0.025"))
 
 PAUSE_MODES = ("in_place", "retract")
 # Opening a CPU buffer shared by name goes through the sender's torch_shm_manager daemon; on a loaded 2-core box
@@ -141,6 +143,11 @@ class SGLangEngine:
         with self._results:
             if not self._done and not self._failures:
                 self._results.wait(timeout_s)
+            # Each collect is a Ray round trip on the cores that generate and train; results that come a few decode
+            # steps apart go out together. Not once nothing runs: the last of a batch is never held back.
+            deadline = time.monotonic() + RESULT_LINGER_S
+            while self._done and self._inflight and not self._failures and time.monotonic() < deadline:
+                self._results.wait(deadline - time.monotonic())
             if self._failures:
                 raise self._failures.pop(0)
             out, self._done = self._done, []
