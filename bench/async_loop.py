@@ -3,7 +3,7 @@ a long tail of response lengths (lognormal budgets, median 16 tokens, longest 8x
 budget with ignore_eos), then the discrete-event model (bench/loop_sim.py) fed this machine's measured costs, to
 see how well it reproduces the measured ratios, and fed GLM-5-scale inputs.
 
-    python bench/async_loop.py [--steps 20] [--rounds 3] [--modes sync,one_step_off,async] [--prompts 8 --samples 8]
+    python bench/async_loop.py [--steps 20] [--rounds 5] [--modes sync,one_step_off,async] [--prompts 8 --samples 8]
 
 A step's batch is the quickstart's (8 prompts x 8 samples, conf/experiment/task_mix.yaml) unless --prompts and
 --samples say otherwise. Each mode runs the real loop (trainer.main.run) in turn, --rounds times interleaved;
@@ -64,8 +64,8 @@ def compose_cfg(mode: str, steps: int, out: Path, prompts: int = 8, samples: int
 
     overrides = ["+experiment=smoke", f"loop.mode={mode}", f"trainer.num_steps={steps}",
                  f"rollout.max_new_tokens={LONGEST}", "rollout.max_staleness=2",
-                 f"rollout.prompts_per_step={prompts}", f"rollout.samples_per_prompt={samples}", "logging.wandb_mode=disabled",
-                 f"output_dir={out}", "checkpoint.save_interval=0"]
+                 f"rollout.prompts_per_step={prompts}", f"rollout.samples_per_prompt={samples}",
+                 "logging.wandb_mode=disabled", f"output_dir={out}", "checkpoint.save_interval=0"]
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
         cfg = compose(config_name="config", overrides=overrides)
     return parse_config(OmegaConf.to_container(cfg, resolve=True))

@@ -47,7 +47,6 @@ _FLUSH_RETRIES = 10
 # A health check's request that times out while the engine's processes used at least this share of the wait in CPU
 # time is queued behind work, not hung (see health()).
 _BUSY_CPU_FRACTION = 0.1
-# How long collect() holds finished results for requests still running to finish too (see collect()).
 RESULT_LINGER_S = float(os.environ.get("SLIPSTREAM_RESULT_LINGER_S", "0.025"))
 
 PAUSE_MODES = ("in_place", "retract")
