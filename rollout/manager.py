@@ -80,6 +80,8 @@ class RolloutBatch:
 
 
 class RolloutManager:
+    DISPATCH_POLL_S = 0.05  # how long the dispatch loop waits for results before it looks for new work
+
     def __init__(self, rollout: RolloutConfig, loop: LoopConfig, data: DataConfig, rows: list[PromptRow],
                  engines: EngineSpec, rewards: list[RewardSpec], reward_settings: RunnerSettings,
                  engine_handles: list | None = None, engine_factory=None,
@@ -227,6 +229,8 @@ class RolloutManager:
             self.flow.on_weights(version)
             self.flow.paused = False
             self._cond.notify_all()
+        if self._threads:  # the groups the new version admits go out now, not at the dispatch loop's next poll
+            self._dispatch()
 
     def on_engines_joined(self, handles: list) -> None:
         """Replacement engines got the loop's current weights (after EnginesJoining): they serve from now on."""
@@ -324,14 +328,8 @@ class RolloutManager:
     # ------------------------------------------------------------------ background threads
     def _dispatch_loop(self) -> None:
         while not self._stop.is_set():
-            with self._submit_lock:
-                with self._cond:
-                    self._admit()
-                    work = [(d.group_id, EngineRequest(d.rid, d.input_ids, self.sampling.as_sglang(d.max_new_tokens)))
-                            for d in self.flow.dispatch()]
-                if work:
-                    self.pool.submit(work)
-            results = self.pool.collect(0.05)
+            self._dispatch()
+            results = self.pool.collect(self.DISPATCH_POLL_S)
             with self._cond:
                 for res in results:
                     gid = self.flow.on_result(res)
@@ -393,6 +391,17 @@ class RolloutManager:
     def _rewards_for(self, task: str | None) -> RewardRunner:
         """The reward runner of a row's task: its own (reward.by_task, a task family's) or the run's."""
         return self.task_rewards.get(task, self.rewards) if task is not None else self.rewards
+
+    def _dispatch(self) -> None:
+        """Admits fresh groups up to the capacity rule and hands every sample with generation left to the engines
+        (the dispatch loop, and on_weights, whose version opens capacity while the engines sit idle)."""
+        with self._submit_lock:
+            with self._cond:
+                self._admit()
+                work = [(d.group_id, EngineRequest(d.rid, d.input_ids, self.sampling.as_sglang(d.max_new_tokens)))
+                        for d in self.flow.dispatch()]
+            if work:
+                self.pool.submit(work)
 
     def _admit(self) -> None:
         """Fresh groups up to the capacity rule (called under self._cond)."""

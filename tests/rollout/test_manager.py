@@ -4,6 +4,7 @@ a fresh manager with the same trained groups as an uninterrupted run, several en
 engine failure surfacing to the loop."""
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import pytest
@@ -323,5 +324,27 @@ def test_a_stuck_step_says_what_the_batch_waits_on(ray_session, tiny_checkpoint)
         with pytest.raises(TimeoutError, match=r"no batch for step 0 within 1s .*oldest live group 0: "
                                                r"pending in flight, pending in flight\)"):
             m.next_batch(0)
+    finally:
+        m.shutdown()
+
+
+def test_a_push_hands_the_next_batch_to_the_engines_at_once(ray_session, tiny_checkpoint, monkeypatch):
+    """on_weights dispatches what its version admits itself: engines drained for a push do not sit idle until the
+    dispatch loop's next look (made 5 s here, as is each engine's wait for a first result)."""
+    monkeypatch.setattr(RolloutManager, "DISPATCH_POLL_S", 5.0)
+    m, (engine,) = _manager(ray_session, tiny_checkpoint)
+    m.pool.settings = dataclasses.replace(m.pool.settings, collect_timeout_s=5.0)
+    m.start()
+    try:
+        m.next_batch(0)
+        m.pause_for_weights()  # sync: batch 1 is admitted only by version 1, so nothing runs now
+        ray_session.get(engine.update_weights_from_tensors.remote([], 1))
+        served = len(ray_session.get(engine.served_rids.remote()))
+        t0 = time.monotonic()
+        m.on_weights(1)
+        while len(ray_session.get(engine.served_rids.remote())) == served and time.monotonic() - t0 < 10:
+            time.sleep(0.01)
+        assert time.monotonic() - t0 < 1.0
+        assert len(m.next_batch(1).groups) == 2
     finally:
         m.shutdown()
